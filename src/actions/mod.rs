@@ -1,0 +1,284 @@
+//! The action interface and the registry. Adding an action is one module that
+//! implements [`Action`] plus one line in [`registry`].
+//!
+//! `assert` and `runbook` are not here: they read the template context or call the
+//! engine itself, so the planner and executor handle them (see `control.rs`).
+
+pub mod files;
+pub mod process;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use schemars::{JsonSchema, Schema, SchemaGenerator};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::world::World;
+
+/// What running an action does to the world; decides how resume treats an
+/// interrupted attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Effect {
+    ReadOnly,
+    Idempotent,
+    NotIdempotent,
+}
+
+/// An action's own read-only judgement of one step (the planner adds `unknown` and
+/// `skipped`, which need the template context).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    WillChange(String),
+    NoChange(String),
+    WouldFail(String),
+}
+
+/// How resume deals with an attempt that started but never recorded a result.
+#[derive(Debug)]
+pub enum Reconcile {
+    /// Safe to run again.
+    Rerun,
+    /// The effect is already there; these are the step's outputs.
+    AlreadyDone(Outputs),
+    /// Cannot tell; the operator must check this and resume with `--retry-step`.
+    AskOperator(String),
+}
+
+pub type Outputs = serde_json::Map<String, serde_json::Value>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("timed out after {}", humantime::format_duration(*.0))]
+    TimedOut(Duration),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        source: std::io::Error,
+    },
+}
+
+impl ActionError {
+    pub fn io(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> ActionError {
+        let context = context.into();
+        move |source| ActionError::Io { context, source }
+    }
+}
+
+/// What every action may consult besides its arguments.
+#[derive(Debug, Clone)]
+pub struct ActionCtx {
+    /// Rendered `roots` of the runbook: destructive actions act only below these.
+    pub roots: Vec<PathBuf>,
+    /// The journal's directory: never a target of a destructive action.
+    pub state_dir: PathBuf,
+    /// The step's `timeout`, as a deadline.
+    pub deadline: Option<Instant>,
+}
+
+pub trait Action: Send + Sync + 'static {
+    /// Arguments as they appear under `with:` (after rendering).
+    type Args: DeserializeOwned + JsonSchema;
+    const NAME: &'static str;
+    /// One line for the README and `--help`.
+    const SUMMARY: &'static str;
+
+    fn effect(&self, args: &Self::Args) -> Effect;
+
+    /// Checks that need no template context, run by `validate` on the raw arguments
+    /// (template strings are left alone). Returns the field and the problem.
+    fn check_static(&self, _args: &Self::Args) -> Result<(), (String, String)> {
+        Ok(())
+    }
+
+    /// Read-only: judges the step against `world` and, unless it would fail, records
+    /// the predicted effect in `world` for the steps after it.
+    fn preflight(&self, args: &Self::Args, world: &mut World, ctx: &ActionCtx) -> Verdict;
+
+    fn execute(&self, args: &Self::Args, ctx: &ActionCtx) -> Result<Outputs, ActionError>;
+
+    fn reconcile(&self, args: &Self::Args, _ctx: &ActionCtx) -> Reconcile {
+        match self.effect(args) {
+            Effect::ReadOnly | Effect::Idempotent => Reconcile::Rerun,
+            Effect::NotIdempotent => Reconcile::AskOperator(format!(
+                "`{}` is not idempotent and this attempt may or may not have taken effect",
+                Self::NAME
+            )),
+        }
+    }
+}
+
+/// An argument problem found before anything runs: the path below `with` and the message.
+#[derive(Debug)]
+pub struct ArgError {
+    pub path: String,
+    pub message: String,
+}
+
+/// The object-safe face of [`Action`], over JSON arguments.
+pub trait ActionKind: Send + Sync {
+    fn name(&self) -> &'static str;
+    fn summary(&self) -> &'static str;
+    fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema;
+    /// Static shape check of the raw (unrendered) arguments.
+    fn check_raw(&self, raw: &serde_yaml::Value) -> Result<(), ArgError>;
+    fn effect(&self, args: &serde_json::Value) -> Effect;
+    fn preflight(&self, args: &serde_json::Value, world: &mut World, ctx: &ActionCtx) -> Verdict;
+    fn execute(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Result<Outputs, ActionError>;
+    fn reconcile(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Reconcile;
+}
+
+fn parse_args<T: DeserializeOwned>(args: &serde_json::Value) -> Result<T, String> {
+    serde_path_to_error::deserialize(args).map_err(|e| {
+        let path = e.path().to_string();
+        if path == "." {
+            format!("invalid arguments: {}", e.inner())
+        } else {
+            format!("invalid argument `{path}`: {}", e.inner())
+        }
+    })
+}
+
+impl<A: Action> ActionKind for A {
+    fn name(&self) -> &'static str {
+        A::NAME
+    }
+    fn summary(&self) -> &'static str {
+        A::SUMMARY
+    }
+    fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema {
+        generator.subschema_for::<A::Args>()
+    }
+    fn check_raw(&self, raw: &serde_yaml::Value) -> Result<(), ArgError> {
+        let raw = match raw {
+            serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
+            other => other.clone(),
+        };
+        let args: A::Args = serde_path_to_error::deserialize(raw).map_err(|e| ArgError {
+            path: match e.path().to_string().as_str() {
+                "." => String::new(),
+                p => p.to_string(),
+            },
+            message: e.inner().to_string(),
+        })?;
+        self.check_static(&args)
+            .map_err(|(path, message)| ArgError { path, message })
+    }
+    fn effect(&self, args: &serde_json::Value) -> Effect {
+        parse_args::<A::Args>(args).map_or(Effect::NotIdempotent, |a| Action::effect(self, &a))
+    }
+    fn preflight(&self, args: &serde_json::Value, world: &mut World, ctx: &ActionCtx) -> Verdict {
+        match parse_args::<A::Args>(args) {
+            Ok(a) => Action::preflight(self, &a, world, ctx),
+            Err(e) => Verdict::WouldFail(e),
+        }
+    }
+    fn execute(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        let a = parse_args::<A::Args>(args).map_err(ActionError::Failed)?;
+        Action::execute(self, &a, ctx)
+    }
+    fn reconcile(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Reconcile {
+        match parse_args::<A::Args>(args) {
+            Ok(a) => Action::reconcile(self, &a, ctx),
+            Err(_) => Reconcile::Rerun,
+        }
+    }
+}
+
+/// Every effectful action. One line each.
+pub fn registry() -> &'static [&'static dyn ActionKind] {
+    &[
+        &files::Mkdir,
+        &files::Copy,
+        &files::WriteFile,
+        &files::Remove,
+        &process::Exec,
+    ]
+}
+
+pub fn find(name: &str) -> Option<&'static dyn ActionKind> {
+    registry().iter().copied().find(|a| a.name() == name)
+}
+
+/// A file mode written as octal: `"0755"`, `"755"`, or the YAML integer `0755` (which
+/// YAML 1.2 reads as decimal 755; its digits are taken as octal, as `chmod` would).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Mode {
+    Text(String),
+    Digits(u32),
+}
+
+impl Mode {
+    pub fn bits(&self) -> Result<u32, String> {
+        let digits = match self {
+            Mode::Text(s) => s.trim_start_matches("0o").to_string(),
+            Mode::Digits(n) => n.to_string(),
+        };
+        match u32::from_str_radix(&digits, 8) {
+            Ok(bits) if bits <= 0o7777 => Ok(bits),
+            _ => Err(format!(
+                "mode `{digits}` is not an octal file mode like \"0644\""
+            )),
+        }
+    }
+
+    pub fn check_static(&self) -> Result<(), String> {
+        match self {
+            Mode::Text(s) if s.contains("{{") => Ok(()),
+            _ => self.bits().map(|_| ()),
+        }
+    }
+}
+
+/// Parses `30s`, `10m`, `1h 30m`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    humantime::parse_duration(text.trim())
+        .map_err(|e| format!("`{text}` is not a duration like `30s` or `10m` ({e})"))
+}
+
+/// Refuses a destructive action on a path that is empty, `/`, the state dir (or holds
+/// it), or not strictly below one of the declared roots.
+pub fn check_destructive(path: &Path, ctx: &ActionCtx) -> Result<PathBuf, String> {
+    if path.as_os_str().is_empty() {
+        return Err("refusing to act on an empty path".into());
+    }
+    let target = crate::world::normalize(path);
+    if target == Path::new("/") {
+        return Err("refusing to act on `/`".into());
+    }
+    let state = crate::world::normalize(&ctx.state_dir);
+    if state.starts_with(&target) {
+        return Err(format!(
+            "refusing to act on `{}`: it holds the runbook state dir",
+            target.display()
+        ));
+    }
+    let roots: Vec<PathBuf> = ctx
+        .roots
+        .iter()
+        .map(|r| crate::world::normalize(r))
+        .collect();
+    if roots.iter().any(|r| target.starts_with(r) && &target != r) {
+        return Ok(target);
+    }
+    if roots.is_empty() {
+        Err(format!(
+            "refusing to act on `{}`: the runbook declares no `roots`",
+            target.display()
+        ))
+    } else {
+        Err(format!(
+            "refusing to act on `{}`: it is not below a declared root ({})",
+            target.display(),
+            roots
+                .iter()
+                .map(|r| r.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    }
+}

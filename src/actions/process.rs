@@ -1,0 +1,195 @@
+//! `exec`: run a program from an argv list. Never a shell string.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration};
+use crate::world::{Node, World};
+
+/// Run a program. Its stdout and stderr are captured as outputs.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ExecArgs {
+    /// Program and arguments, one list item each; no shell is involved.
+    pub argv: Vec<String>,
+    /// Extra environment variables for the program (the engine's own are inherited).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Working directory (default: the engine's).
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
+    /// Kill the program after this long (`30s`, `5m`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// Exit codes that count as success (default `[0]`).
+    #[serde(default = "default_exit")]
+    pub expect_exit: Vec<i32>,
+}
+
+fn default_exit() -> Vec<i32> {
+    vec![0]
+}
+
+pub struct Exec;
+
+/// The argv as a person would type it, for plans and errors.
+pub fn display_argv(argv: &[String]) -> String {
+    argv.iter()
+        .map(|a| {
+            if !a.is_empty()
+                && a.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./=:,@%+".contains(c))
+            {
+                a.clone()
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn find_program(program: &str, world: &World) -> Option<PathBuf> {
+    if program.contains('/') {
+        let p = PathBuf::from(program);
+        return matches!(world.node(&p), Node::File { .. } | Node::Other).then_some(p);
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
+impl Action for Exec {
+    type Args = ExecArgs;
+    const NAME: &'static str = "exec";
+    const SUMMARY: &'static str =
+        "run a program from an argv list (no shell); stdout, stderr and exit code become outputs";
+
+    fn effect(&self, _: &ExecArgs) -> Effect {
+        Effect::NotIdempotent
+    }
+
+    fn check_static(&self, args: &ExecArgs) -> Result<(), (String, String)> {
+        if args.argv.is_empty() {
+            return Err(("argv".into(), "argv must name a program".into()));
+        }
+        if let Some(t) = args.timeout.as_deref().filter(|t| !t.contains("{{")) {
+            parse_duration(t).map_err(|e| ("timeout".into(), e))?;
+        }
+        Ok(())
+    }
+
+    fn preflight(&self, args: &ExecArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+        let Some(program) = args.argv.first() else {
+            return Verdict::WouldFail("argv is empty".into());
+        };
+        if find_program(program, world).is_none() {
+            return Verdict::WouldFail(format!("program `{program}` not found"));
+        }
+        if let Some(cwd) = &args.cwd
+            && world.node(cwd) != Node::Dir
+        {
+            return Verdict::WouldFail(format!(
+                "working directory `{}` does not exist",
+                cwd.display()
+            ));
+        }
+        if let Some(Err(e)) = args.timeout.as_deref().map(parse_duration) {
+            return Verdict::WouldFail(e);
+        }
+        Verdict::WillChange(format!("run {}", display_argv(&args.argv)))
+    }
+
+    fn execute(&self, args: &ExecArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        let own_deadline = args
+            .timeout
+            .as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map_err(ActionError::Failed)?
+            .map(|d| Instant::now() + d);
+        let deadline = match (own_deadline, ctx.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let (program, rest) = args
+            .argv
+            .split_first()
+            .ok_or_else(|| ActionError::Failed("argv is empty".into()))?;
+        let mut expr = duct::cmd(program, rest)
+            .stdin_null()
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked();
+        for (k, v) in &args.env {
+            expr = expr.env(k, v);
+        }
+        if let Some(cwd) = &args.cwd {
+            expr = expr.dir(cwd);
+        }
+        let started = Instant::now();
+        let handle = expr.start().map_err(ActionError::io(format!(
+            "start {}",
+            display_argv(&args.argv)
+        )))?;
+        let output = match deadline {
+            None => handle.wait().map_err(ActionError::io("wait"))?,
+            Some(deadline) => match handle
+                .wait_deadline(deadline)
+                .map_err(ActionError::io("wait"))?
+            {
+                Some(out) => out,
+                None => {
+                    let _ = handle.kill();
+                    return Err(ActionError::TimedOut(started.elapsed()));
+                }
+            },
+        };
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        let code = output.status.code();
+        if !code.is_some_and(|c| args.expect_exit.contains(&c)) {
+            let status = code.map_or_else(
+                || "killed by a signal".to_string(),
+                |c| format!("exit code {c}"),
+            );
+            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            let detail = if tail.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", tail.join(" | "))
+            };
+            return Err(ActionError::Failed(format!(
+                "{} failed with {status}{detail}",
+                display_argv(&args.argv)
+            )));
+        }
+        let mut out = Outputs::new();
+        out.insert("exit_code".into(), json!(code));
+        out.insert("stdout".into(), json!(stdout.trim_end_matches('\n')));
+        out.insert("stderr".into(), json!(stderr.trim_end_matches('\n')));
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn argv_display_quotes_what_a_shell_would_split() {
+        let argv = vec!["sh".into(), "-c".into(), "echo 'hi' > x".into(), "".into()];
+        assert_eq!(display_argv(&argv), r#"sh -c 'echo '\''hi'\'' > x' ''"#);
+        assert!(find_program("sh", &World::real()).is_some());
+        assert!(find_program("/nonexistent/prog", &World::real()).is_none());
+        assert!(Path::new("/bin").exists());
+    }
+}

@@ -1,0 +1,649 @@
+//! The commands. Each returns an [`Exit`]; errors are printed here, at the edge.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::catalog::Catalog;
+use crate::cli::{Cli, Command, Inputs};
+use crate::events::{Event, RunHeader, RunStatus};
+use crate::executor::{Executor, Stop};
+use crate::exit::Exit;
+use crate::frame::{Frame, StepState};
+use crate::journal::{Journal, JournalSink, RunRecord};
+use crate::load::{LoadError, Loader, Runbook, StepKind};
+use crate::params::{ParamError, ParamInputs};
+use crate::plan::Planner;
+use crate::render::{Format, Reporter, plan_text, runs_text, show_text};
+use crate::template::Templates;
+
+/// A command's failure, with the exit code it maps to.
+#[derive(Debug, thiserror::Error)]
+enum AppError {
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AppError {
+    fn exit(&self) -> Exit {
+        match self {
+            AppError::Load(LoadError::Io { .. }) | AppError::Internal(_) => Exit::Internal,
+            AppError::Load(_) | AppError::Invalid(_) => Exit::Invalid,
+            AppError::Refused(_) => Exit::Refused,
+        }
+    }
+}
+
+impl From<ParamError> for AppError {
+    fn from(e: ParamError) -> Self {
+        AppError::Invalid(e.to_string())
+    }
+}
+
+impl From<crate::journal::JournalError> for AppError {
+    fn from(e: crate::journal::JournalError) -> Self {
+        match e {
+            crate::journal::JournalError::NoSuchRun(_) => AppError::Invalid(e.to_string()),
+            other => AppError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::frame::FrameError> for AppError {
+    fn from(e: crate::frame::FrameError) -> Self {
+        AppError::Invalid(e.to_string())
+    }
+}
+
+impl From<crate::executor::ExecError> for AppError {
+    fn from(e: crate::executor::ExecError) -> Self {
+        AppError::Internal(e.to_string())
+    }
+}
+
+struct App<'a> {
+    cli: &'a Cli,
+    catalog: Catalog,
+    templates: Templates,
+    state_dir: PathBuf,
+}
+
+pub fn dispatch(cli: &Cli) -> Exit {
+    let app = App {
+        cli,
+        catalog: Catalog {
+            search_path: cli.path.clone(),
+        },
+        templates: Templates::new(),
+        state_dir: cli.state_dir.clone().unwrap_or_else(default_state_dir),
+    };
+    let result = match &cli.command {
+        Command::List => app.list(),
+        Command::Validate { targets } => app.validate(targets),
+        Command::Plan { name, inputs } => app.plan(name, inputs),
+        Command::Run {
+            name,
+            inputs,
+            dry_run: true,
+            ..
+        } => app.plan(name, inputs),
+        Command::Run {
+            name,
+            inputs,
+            no_rollback,
+            ..
+        } => app.run(name, inputs, *no_rollback),
+        Command::Resume {
+            run_id,
+            inputs,
+            retry_step,
+            accept_changes,
+            no_rollback,
+        } => app.resume(run_id, inputs, retry_step, *accept_changes, *no_rollback),
+        Command::Rollback {
+            run_id,
+            inputs,
+            accept_changes,
+        } => app.rollback(run_id, inputs, *accept_changes),
+        Command::Runs => app.runs(),
+        Command::Show { run_id } => app.show(run_id),
+        Command::Schema => {
+            print!("{}", crate::schema::runbook_schema_text());
+            Ok(Exit::Success)
+        }
+    };
+    match result {
+        Ok(exit) => exit,
+        Err(e) => {
+            app.report_error(&e);
+            e.exit()
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("XDG_STATE_HOME").filter(|d| !d.is_empty()) {
+        return PathBuf::from(dir).join("runbook");
+    }
+    match std::env::var_os("HOME").filter(|d| !d.is_empty()) {
+        Some(home) => PathBuf::from(home).join(".local/state/runbook"),
+        None => PathBuf::from(".runbook-state"),
+    }
+}
+
+fn new_run_id() -> String {
+    use std::io::Read;
+    let mut bytes = [0u8; 3];
+    let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
+    if random.is_err() {
+        let nanos = chrono::Utc::now().timestamp_subsec_nanos() ^ std::process::id();
+        bytes.copy_from_slice(&nanos.to_le_bytes()[..3]);
+    }
+    format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        crate::actions::files::hex(&bytes)
+    )
+}
+
+impl App<'_> {
+    fn json(&self) -> bool {
+        self.cli.format == Format::Json
+    }
+
+    fn report_error(&self, e: &AppError) {
+        if self.json() {
+            let body = match e {
+                AppError::Load(LoadError::Invalid(diags)) => {
+                    serde_json::json!({"error": "invalid runbook", "diagnostics": diags})
+                }
+                other => serde_json::json!({"error": other.to_string()}),
+            };
+            println!("{body}");
+        } else {
+            match e {
+                AppError::Load(LoadError::Invalid(_)) => eprintln!("{e}"),
+                other => eprintln!("error: {other}"),
+            }
+        }
+    }
+
+    fn load(&self, name: &str) -> Result<Arc<Runbook>, AppError> {
+        Ok(Loader::new(&self.catalog, &self.templates).load(name)?)
+    }
+
+    fn inputs(&self, inputs: &Inputs) -> Result<ParamInputs, AppError> {
+        let mut out = ParamInputs::default();
+        for file in &inputs.vars {
+            out.add_file(file)?;
+        }
+        for pair in &inputs.set {
+            out.add_set(pair)?;
+        }
+        Ok(out)
+    }
+
+    fn list(&self) -> Result<Exit, AppError> {
+        let found = self.catalog.list();
+        let rows: Vec<serde_json::Value> = found
+            .iter()
+            .map(|l| {
+                let description = std::fs::read_to_string(&l.path)
+                    .ok()
+                    .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+                    .and_then(|v| {
+                        v.get("description")
+                            .and_then(|d| d.as_str())
+                            .map(str::to_string)
+                    });
+                serde_json::json!({"name": l.name, "path": l.path, "description": description})
+            })
+            .collect();
+        if self.json() {
+            println!("{}", serde_json::Value::Array(rows));
+        } else if rows.is_empty() {
+            let dirs: Vec<String> = self
+                .catalog
+                .search_path
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect();
+            println!("no runbooks in {}", dirs.join(", "));
+        } else {
+            let width = found.iter().map(|l| l.name.len()).max().unwrap_or(0);
+            for row in rows {
+                println!(
+                    "{:<width$}  {}",
+                    row["name"].as_str().unwrap_or_default(),
+                    row["description"].as_str().unwrap_or_default()
+                );
+            }
+        }
+        Ok(Exit::Success)
+    }
+
+    fn validate(&self, targets: &[String]) -> Result<Exit, AppError> {
+        let targets: Vec<String> = if targets.is_empty() {
+            self.catalog.list().into_iter().map(|l| l.name).collect()
+        } else {
+            targets.to_vec()
+        };
+        let mut results = Vec::new();
+        let mut failed = false;
+        for target in &targets {
+            match self.load(target) {
+                Ok(rb) => {
+                    if !self.json() {
+                        println!("ok  {} ({})", rb.name, rb.source.path.display());
+                    }
+                    results.push(serde_json::json!({"target": target, "ok": true}));
+                }
+                Err(AppError::Load(LoadError::Invalid(diags))) => {
+                    failed = true;
+                    if !self.json() {
+                        for d in &diags {
+                            eprintln!("{d}\n");
+                        }
+                    }
+                    results.push(
+                        serde_json::json!({"target": target, "ok": false, "diagnostics": diags}),
+                    );
+                }
+                Err(e) => {
+                    failed = true;
+                    if !self.json() {
+                        eprintln!("error: {e}");
+                    }
+                    results.push(
+                        serde_json::json!({"target": target, "ok": false, "error": e.to_string()}),
+                    );
+                }
+            }
+        }
+        if self.json() {
+            println!("{}", serde_json::Value::Array(results));
+        }
+        if targets.is_empty() && !self.json() {
+            println!("no runbooks to validate");
+        }
+        Ok(if failed { Exit::Invalid } else { Exit::Success })
+    }
+
+    /// Loads, resolves params, freezes vars and plans. Nothing is written.
+    fn prepare(
+        &self,
+        name: &str,
+        inputs: &Inputs,
+    ) -> Result<(crate::plan::Plan, Frame, ParamInputs), AppError> {
+        let rb = self.load(name)?;
+        let inputs = self.inputs(inputs)?;
+        let frame = Frame::new(rb.clone(), &inputs, None, &self.templates)?;
+        let planner = Planner {
+            templates: &self.templates,
+            inputs: &inputs,
+            state_dir: self.state_dir.clone(),
+        };
+        let plan = planner.plan(rb, frame.clone());
+        Ok((plan, frame, inputs))
+    }
+
+    fn plan(&self, name: &str, inputs: &Inputs) -> Result<Exit, AppError> {
+        let (plan, _, _) = self.prepare(name, inputs)?;
+        if self.json() {
+            let mut value = serde_json::to_value(&plan).unwrap_or_default();
+            value["summary"] = serde_json::to_value(plan.tally()).unwrap_or_default();
+            value["lock_holder"] =
+                serde_json::to_value(crate::lock::holder(&self.state_dir, &plan.lock))
+                    .unwrap_or_default();
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&value).unwrap_or_default()
+            );
+        } else {
+            print!("{}", plan_text(&plan));
+            if let Some(holder) = crate::lock::holder(&self.state_dir, &plan.lock) {
+                println!(
+                    "note: lock `{}` is held now by {holder}; a run would be refused until it ends",
+                    plan.lock
+                );
+            }
+        }
+        Ok(if plan.ok {
+            Exit::Success
+        } else {
+            Exit::Refused
+        })
+    }
+
+    fn locks(rb: &Runbook) -> BTreeSet<String> {
+        fn walk(rb: &Runbook, out: &mut BTreeSet<String>) {
+            out.insert(rb.lock.clone());
+            for step in rb.steps.iter().chain(&rb.rollback) {
+                if let StepKind::Call(child) = &step.kind {
+                    walk(child, out);
+                }
+            }
+        }
+        let mut out = BTreeSet::new();
+        walk(rb, &mut out);
+        out
+    }
+
+    fn acquire(&self, rb: &Runbook, run_id: &str) -> Result<Vec<crate::lock::RunLock>, AppError> {
+        Self::locks(rb)
+            .iter()
+            .map(|name| {
+                crate::lock::acquire(&self.state_dir, name, run_id)
+                    .map_err(|e| AppError::Refused(e.to_string()))
+            })
+            .collect()
+    }
+
+    fn reporter(&self, run_id: &str) -> Reporter {
+        Reporter {
+            format: self.cli.format,
+            verbose: self.cli.verbose,
+            quiet: self.cli.quiet,
+            run_id: run_id.to_string(),
+        }
+    }
+
+    fn run(&self, name: &str, inputs: &Inputs, no_rollback: bool) -> Result<Exit, AppError> {
+        let (plan, mut frame, inputs) = self.prepare(name, inputs)?;
+        if let Some((step, why)) = plan.first_failure() {
+            if !self.json() {
+                print!("{}", plan_text(&plan));
+            }
+            return Err(AppError::Refused(format!(
+                "refusing to run `{}`: step `{step}` would fail: {why}\nnothing was changed; fix the cause and run again (`runbook plan` shows the whole plan)",
+                plan.runbook
+            )));
+        }
+        let rb = frame.runbook.clone();
+        let run_id = new_run_id();
+        let _locks = self.acquire(&rb, &run_id)?;
+        let journal = Journal::open(&self.state_dir)?;
+        tracing::debug!(journal = %self.state_dir.display(), run_id, "run starting");
+        let header = RunHeader {
+            run_id: run_id.clone(),
+            runbook: rb.name.clone(),
+            path: rb.source.path.clone(),
+            content_hash: rb.content_hash(),
+            params: frame.shown_params(),
+            vars: frame.frozen_vars(),
+            lock: rb.lock.clone(),
+            started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            pid: std::process::id(),
+            files: rb.files(),
+            steps: rb
+                .steps
+                .iter()
+                .map(|s| (s.id.clone(), s.kind.action_name()))
+                .collect(),
+        };
+        let mut sink = JournalSink {
+            journal: &journal,
+            run_id: run_id.clone(),
+        };
+        let mut reporter = self.reporter(&run_id);
+        let mut executor = Executor {
+            templates: &self.templates,
+            inputs: &inputs,
+            state_dir: self.state_dir.clone(),
+            sinks: vec![&mut sink, &mut reporter],
+            prior: None,
+            retry_steps: BTreeSet::new(),
+            no_rollback,
+        };
+        let outcome = executor.run(&run_id, &mut frame, Event::RunStarted(Box::new(header)))?;
+        Ok(exit_for(outcome.status, outcome.stop.as_ref()))
+    }
+
+    /// The runbook of an earlier run, refusing when its files changed (unless accepted).
+    fn reload(&self, record: &RunRecord, accept_changes: bool) -> Result<Arc<Runbook>, AppError> {
+        let rb = self.load(&record.path.to_string_lossy())?;
+        let now = rb.files();
+        if now != record.files {
+            let mut report = String::new();
+            for (path, old) in &record.files {
+                let new = now
+                    .iter()
+                    .find(|(p, _)| p == path)
+                    .map(|(_, t)| t.as_str())
+                    .unwrap_or("");
+                if new != old {
+                    let diff = similar::TextDiff::from_lines(old.as_str(), new);
+                    report.push_str(&format!(
+                        "{}",
+                        diff.unified_diff().context_radius(2).header(
+                            &format!("{} (at run start)", path.display()),
+                            &format!("{} (now)", path.display())
+                        )
+                    ));
+                }
+            }
+            for (path, _) in now
+                .iter()
+                .filter(|(p, _)| !record.files.iter().any(|(q, _)| q == p))
+            {
+                report.push_str(&format!("+ {} is now called too\n", path.display()));
+            }
+            if !accept_changes {
+                return Err(AppError::Refused(format!(
+                    "the runbook changed since run {} started:\n{report}resume with --accept-changes to run the changed runbook with the run's frozen values",
+                    record.summary.id
+                )));
+            }
+            if !self.json() {
+                eprintln!("note: the runbook changed since the run started (accepted):\n{report}");
+            }
+        }
+        Ok(rb)
+    }
+
+    /// The run's frame rebuilt from the journal: recorded params (secrets given again),
+    /// frozen vars as they were.
+    fn restore_frame(
+        &self,
+        record: &RunRecord,
+        rb: &Arc<Runbook>,
+        inputs: &Inputs,
+    ) -> Result<(Frame, ParamInputs), AppError> {
+        let given = self.inputs(inputs)?;
+        let mut inputs = ParamInputs {
+            files: given.files.clone(),
+            sets: Default::default(),
+        };
+        for spec in &rb.params {
+            if spec.secret {
+                if let Some(v) = given.sets.get(&spec.name) {
+                    inputs
+                        .files
+                        .insert(spec.name.clone(), serde_json::Value::String(v.clone()));
+                } else if !given.files.contains_key(&spec.name)
+                    && spec.required
+                    && spec.default.is_none()
+                {
+                    return Err(AppError::Invalid(format!(
+                        "secret param `{}` is not stored in the journal: give it again with --set {}=... or --vars FILE",
+                        spec.name, spec.name
+                    )));
+                }
+            } else if let Some(v) = record.params.get(&spec.name).filter(|v| !v.is_null()) {
+                inputs.files.insert(spec.name.clone(), v.clone());
+            }
+        }
+        let frame = Frame::new(rb.clone(), &inputs, Some(&record.vars), &self.templates)?;
+        Ok((frame, inputs))
+    }
+
+    fn resume(
+        &self,
+        run_id: &str,
+        inputs: &Inputs,
+        retry: &[String],
+        accept_changes: bool,
+        no_rollback: bool,
+    ) -> Result<Exit, AppError> {
+        let journal = Journal::open(&self.state_dir)?;
+        let record = journal.run(run_id)?;
+        match RunStatus::parse(&record.summary.status) {
+            Some(RunStatus::Running) => {
+                return Err(AppError::Refused(format!(
+                    "run {run_id} is still running (pid {})",
+                    record.pid
+                )));
+            }
+            Some(RunStatus::Succeeded) => {
+                println!("run {run_id} already succeeded; nothing to resume");
+                return Ok(Exit::Success);
+            }
+            Some(RunStatus::RolledBack) => {
+                return Err(AppError::Refused(format!(
+                    "run {run_id} was rolled back; start a new run instead"
+                )));
+            }
+            _ => {}
+        }
+        let rb = self.reload(&record, accept_changes)?;
+        let (mut frame, inputs) = self.restore_frame(&record, &rb, inputs)?;
+        let _locks = self.acquire(&rb, run_id)?;
+        let mut sink = JournalSink {
+            journal: &journal,
+            run_id: run_id.to_string(),
+        };
+        let mut reporter = self.reporter(run_id);
+        let mut executor = Executor {
+            templates: &self.templates,
+            inputs: &inputs,
+            state_dir: self.state_dir.clone(),
+            sinks: vec![&mut sink, &mut reporter],
+            prior: Some(&record),
+            retry_steps: retry.iter().cloned().collect(),
+            no_rollback,
+        };
+        let start = Event::RunResumed {
+            run_id: run_id.to_string(),
+            runbook: rb.name.clone(),
+        };
+        let outcome = executor.run(run_id, &mut frame, start)?;
+        Ok(exit_for(outcome.status, outcome.stop.as_ref()))
+    }
+
+    fn rollback(
+        &self,
+        run_id: &str,
+        inputs: &Inputs,
+        accept_changes: bool,
+    ) -> Result<Exit, AppError> {
+        let journal = Journal::open(&self.state_dir)?;
+        let record = journal.run(run_id)?;
+        if RunStatus::parse(&record.summary.status) == Some(RunStatus::Running) {
+            return Err(AppError::Refused(format!(
+                "run {run_id} is still running (pid {})",
+                record.pid
+            )));
+        }
+        let rb = self.reload(&record, accept_changes)?;
+        if rb.rollback.is_empty() {
+            return Err(AppError::Invalid(format!(
+                "runbook `{}` has no rollback section",
+                rb.name
+            )));
+        }
+        let (mut frame, inputs) = self.restore_frame(&record, &rb, inputs)?;
+        for step in record
+            .steps
+            .iter()
+            .filter(|s| s.section == "main" && !s.key.contains('/'))
+        {
+            if step.status == "succeeded" {
+                frame.steps.insert(
+                    step.key.clone(),
+                    StepState::Done {
+                        status: "succeeded",
+                        outputs: step.outputs.clone(),
+                    },
+                );
+            }
+        }
+        let _locks = self.acquire(&rb, run_id)?;
+        let mut sink = JournalSink {
+            journal: &journal,
+            run_id: run_id.to_string(),
+        };
+        let mut reporter = self.reporter(run_id);
+        let mut executor = Executor {
+            templates: &self.templates,
+            inputs: &inputs,
+            state_dir: self.state_dir.clone(),
+            sinks: vec![&mut sink, &mut reporter],
+            prior: None,
+            retry_steps: BTreeSet::new(),
+            no_rollback: false,
+        };
+        let start = Event::RunResumed {
+            run_id: run_id.to_string(),
+            runbook: rb.name.clone(),
+        };
+        let outcome = executor.rollback(run_id, &mut frame, start)?;
+        Ok(exit_for(outcome.status, outcome.stop.as_ref()))
+    }
+
+    fn journal_if_any(&self) -> Result<Option<Journal>, AppError> {
+        if self.state_dir.join("journal.db").exists() {
+            Ok(Some(Journal::open(&self.state_dir)?))
+        } else {
+            Ok(None)
+        }
+    }
+
+    fn runs(&self) -> Result<Exit, AppError> {
+        let runs = match self.journal_if_any()? {
+            Some(j) => j.runs()?,
+            None => Vec::new(),
+        };
+        if self.json() {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&runs).unwrap_or_default()
+            );
+        } else {
+            print!("{}", runs_text(&runs));
+        }
+        Ok(Exit::Success)
+    }
+
+    fn show(&self, run_id: &str) -> Result<Exit, AppError> {
+        let journal = self.journal_if_any()?.ok_or_else(|| {
+            AppError::Invalid(format!(
+                "no run `{run_id}`: the journal in {} is empty",
+                self.state_dir.display()
+            ))
+        })?;
+        let record = journal.run(run_id)?;
+        if self.json() {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&record).unwrap_or_default()
+            );
+        } else {
+            print!("{}", show_text(&record));
+        }
+        Ok(Exit::Success)
+    }
+}
+
+fn exit_for(status: RunStatus, stop: Option<&Stop>) -> Exit {
+    match (status, stop) {
+        (RunStatus::Succeeded, _) => Exit::Success,
+        (_, Some(Stop::NeedsOperator { .. })) => Exit::Refused,
+        _ => Exit::StepFailed,
+    }
+}

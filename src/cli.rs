@@ -1,0 +1,154 @@
+//! Command-line definitions. `run()` parses, dispatches to `app`, and returns the
+//! exit code; `main.rs` only calls it.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::render::Format;
+
+const AFTER_HELP: &str = "\
+Examples:
+  runbook list                                   named runbooks on the search path
+  runbook validate                               check every runbook; nothing runs
+  runbook plan atocore/backup --vars env/sandbox.yaml
+                                                 dry-run: what each step would do
+  runbook run atocore/restore --set stamp=20260407T060000Z --vars env/dalidou.yaml
+  runbook runs                                   history, newest first
+  runbook resume RUN_ID                          continue an interrupted or failed run
+
+Exit codes: 0 success, 1 a step failed, 2 invalid input, 3 refused (a step would
+fail, lock held, runbook changed, step needs checking), 4 internal error.";
+
+/// Declarative runbooks: check them, dry-run them, run them with a durable journal.
+#[derive(Debug, Parser)]
+#[command(name = "runbook", version, about, after_help = AFTER_HELP)]
+pub struct Cli {
+    /// Directory holding named runbooks (repeatable). `atocore/backup` is
+    /// `DIR/atocore/backup.yaml`.
+    #[arg(
+        long = "path",
+        global = true,
+        env = "RUNBOOK_PATH",
+        value_name = "DIR",
+        value_delimiter = ':',
+        default_value = "runbooks"
+    )]
+    pub path: Vec<PathBuf>,
+    /// Where the journal and locks live [default: $XDG_STATE_HOME/runbook or ~/.local/state/runbook].
+    #[arg(long, global = true, env = "RUNBOOK_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Output format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    pub format: Format,
+    /// More output: step starts, then debug logs on stderr (-vv).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Less output: only the run id and the result.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct Inputs {
+    /// A YAML file of param values (deployment paths, URLs, owners). Repeatable; later
+    /// files win. Keys the runbook does not declare are ignored.
+    #[arg(long = "vars", value_name = "FILE")]
+    pub vars: Vec<PathBuf>,
+    /// Set one param (repeatable); wins over --vars.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// List the named runbooks on the search path.
+    List,
+    /// Check runbook files (all on the search path when none is named). Nothing runs.
+    Validate {
+        /// Runbook names or files.
+        targets: Vec<String>,
+    },
+    /// Dry-run: render every value and judge every step read-only. Writes nothing.
+    Plan {
+        /// Runbook name or file.
+        name: String,
+        #[command(flatten)]
+        inputs: Inputs,
+    },
+    /// Run a runbook (after a dry-run that must pass).
+    Run {
+        /// Runbook name or file.
+        name: String,
+        #[command(flatten)]
+        inputs: Inputs,
+        /// Only plan; the same as `runbook plan`.
+        #[arg(long)]
+        dry_run: bool,
+        /// Do not run the rollback section when a step fails.
+        #[arg(long)]
+        no_rollback: bool,
+    },
+    /// Continue a failed or interrupted run with its frozen values.
+    Resume {
+        run_id: String,
+        /// Secret params must be given again (they are never stored).
+        #[command(flatten)]
+        inputs: Inputs,
+        /// Run this interrupted step again although it is not idempotent (after checking
+        /// that it did not take effect). Repeatable.
+        #[arg(long, value_name = "STEP")]
+        retry_step: Vec<String>,
+        /// Resume even though the runbook files changed since the run started.
+        #[arg(long)]
+        accept_changes: bool,
+        /// Do not run the rollback section when a step fails.
+        #[arg(long)]
+        no_rollback: bool,
+    },
+    /// Run the rollback section of an earlier run, with its frozen values and outputs.
+    Rollback {
+        run_id: String,
+        #[command(flatten)]
+        inputs: Inputs,
+        /// Roll back even though the runbook files changed since the run started.
+        #[arg(long)]
+        accept_changes: bool,
+    },
+    /// The journal's runs, newest first.
+    Runs,
+    /// One run's journal, step by step.
+    Show { run_id: String },
+    /// Print the JSON Schema of the runbook format.
+    Schema,
+}
+
+pub fn run() -> i32 {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return match e.kind() {
+                clap::error::ErrorKind::DisplayHelp | clap::error::ErrorKind::DisplayVersion => 0,
+                _ => crate::exit::Exit::Invalid.code(),
+            };
+        }
+    };
+    init_logging(cli.verbose);
+    crate::app::dispatch(&cli).code()
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 | 1 => tracing::Level::WARN,
+        2 => tracing::Level::DEBUG,
+        _ => tracing::Level::TRACE,
+    };
+    let _ = tracing_subscriber::fmt()
+        .with_max_level(level)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}

@@ -1,0 +1,537 @@
+//! Runs a validated runbook. Emits events; never prints. The journal sink records
+//! each step's intent (and syncs it) before the side effect and its result after.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde_json::Value as Json;
+
+use crate::actions::{ActionCtx, Outputs, Reconcile, Verdict};
+use crate::events::{Event, EventSink, RunStatus, Section, SinkError};
+use crate::frame::{Frame, StepState};
+use crate::journal::RunRecord;
+use crate::load::{AssertArgs, Step, StepKind};
+use crate::params::ParamInputs;
+use crate::plan::{assert_message, child_frame};
+use crate::template::Templates;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExecError {
+    #[error(transparent)]
+    Journal(#[from] SinkError),
+}
+
+/// Why the main steps stopped.
+#[derive(Debug, Clone)]
+pub enum Stop {
+    Failed {
+        key: String,
+        error: String,
+    },
+    /// Resume cannot tell whether an interrupted step took effect.
+    NeedsOperator {
+        key: String,
+        message: String,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: RunStatus,
+    pub stop: Option<Stop>,
+    pub outputs: Outputs,
+}
+
+pub struct Executor<'a> {
+    pub templates: &'a Templates,
+    pub inputs: &'a ParamInputs,
+    pub state_dir: PathBuf,
+    pub sinks: Vec<&'a mut dyn EventSink>,
+    /// The journal of the run being resumed (or rolled back).
+    pub prior: Option<&'a RunRecord>,
+    /// Step keys that resume may run again although they were interrupted.
+    pub retry_steps: BTreeSet<String>,
+    pub no_rollback: bool,
+}
+
+type StepResult = Result<(), Stop>;
+
+impl Executor<'_> {
+    fn emit(&mut self, event: Event) -> Result<(), ExecError> {
+        for sink in &mut self.sinks {
+            sink.on_event(&event)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the main steps, then the rollback section when one failed.
+    pub fn run(
+        &mut self,
+        run_id: &str,
+        frame: &mut Frame,
+        start: Event,
+    ) -> Result<Outcome, ExecError> {
+        let started = Instant::now();
+        self.emit(start)?;
+        let steps = &frame.runbook.clone().steps;
+        let result = self.run_steps(frame, steps, "", Section::Main)?;
+        let (status, stop, outputs) = match result {
+            Ok(()) => match frame.outputs(self.templates) {
+                Ok(outputs) => (RunStatus::Succeeded, None, outputs),
+                Err(e) => {
+                    let stop = Stop::Failed {
+                        key: "outputs".into(),
+                        error: e,
+                    };
+                    (
+                        self.after_failure(frame, "", &stop)?,
+                        Some(stop),
+                        Outputs::new(),
+                    )
+                }
+            },
+            Err(stop @ Stop::NeedsOperator { .. }) => {
+                (RunStatus::Failed, Some(stop), Outputs::new())
+            }
+            Err(stop) => (
+                self.after_failure(frame, "", &stop)?,
+                Some(stop),
+                Outputs::new(),
+            ),
+        };
+        let error = stop.as_ref().map(|s| match s {
+            Stop::Failed { key, error } => format!("step `{key}` failed: {error}"),
+            Stop::NeedsOperator { key, message } => {
+                format!("step `{key}` needs checking: {message}")
+            }
+        });
+        self.emit(Event::RunFinished {
+            run_id: run_id.to_string(),
+            status,
+            error: error.map(|e| frame.redactor.text(&e)),
+            duration: started.elapsed(),
+        })?;
+        Ok(Outcome {
+            status,
+            stop,
+            outputs: frame.redactor_outputs(&outputs),
+        })
+    }
+
+    /// Runs only the rollback section (for `runbook rollback RUN_ID`).
+    pub fn rollback(
+        &mut self,
+        run_id: &str,
+        frame: &mut Frame,
+        start: Event,
+    ) -> Result<Outcome, ExecError> {
+        let started = Instant::now();
+        self.emit(start)?;
+        self.emit(Event::RollbackStarted {
+            reason: "requested".into(),
+        })?;
+        let steps = &frame.runbook.clone().rollback;
+        let result = self.run_steps(frame, steps, "", Section::Rollback)?;
+        let (status, stop) = match result {
+            Ok(()) => (RunStatus::RolledBack, None),
+            Err(stop) => (RunStatus::Failed, Some(stop)),
+        };
+        let error = stop.as_ref().map(|s| match s {
+            Stop::Failed { key, error } => format!("rollback step `{key}` failed: {error}"),
+            Stop::NeedsOperator { key, message } => format!("rollback step `{key}`: {message}"),
+        });
+        self.emit(Event::RunFinished {
+            run_id: run_id.to_string(),
+            status,
+            error,
+            duration: started.elapsed(),
+        })?;
+        Ok(Outcome {
+            status,
+            stop,
+            outputs: Outputs::new(),
+        })
+    }
+
+    /// Runs the rollback section of `frame` after a failure; returns the run status.
+    fn after_failure(
+        &mut self,
+        frame: &mut Frame,
+        prefix: &str,
+        stop: &Stop,
+    ) -> Result<RunStatus, ExecError> {
+        if self.no_rollback || frame.runbook.rollback.is_empty() {
+            return Ok(RunStatus::Failed);
+        }
+        let reason = match stop {
+            Stop::Failed { key, .. } | Stop::NeedsOperator { key, .. } => {
+                format!("step `{key}` failed")
+            }
+        };
+        self.emit(Event::RollbackStarted { reason })?;
+        let steps = &frame.runbook.clone().rollback;
+        Ok(
+            match self.run_steps(frame, steps, prefix, Section::Rollback)? {
+                Ok(()) => RunStatus::RolledBack,
+                Err(_) => RunStatus::Failed,
+            },
+        )
+    }
+
+    fn prior_status(&self, section: Section, key: &str) -> Option<(String, Outputs)> {
+        let step = self.prior?.step(section, key)?;
+        Some((step.status.clone(), step.outputs.clone()))
+    }
+
+    fn run_steps(
+        &mut self,
+        frame: &mut Frame,
+        steps: &[Step],
+        prefix: &str,
+        section: Section,
+    ) -> Result<StepResult, ExecError> {
+        for step in steps {
+            let key = format!("{prefix}{}", step.id);
+            // A rollback after `runbook rollback` or a resumed failure starts over.
+            let prior = if section == Section::Main {
+                self.prior_status(section, &key)
+            } else {
+                None
+            };
+            match prior.as_ref().map(|(s, o)| (s.as_str(), o)) {
+                Some(("succeeded", outputs)) => {
+                    frame.steps.insert(
+                        step.id.clone(),
+                        StepState::Done {
+                            status: "succeeded",
+                            outputs: outputs.clone(),
+                        },
+                    );
+                    self.emit(Event::StepAlreadyDone { key, section })?;
+                    continue;
+                }
+                Some(("skipped", _)) => {
+                    frame.steps.insert(
+                        step.id.clone(),
+                        StepState::Done {
+                            status: "skipped",
+                            outputs: Outputs::new(),
+                        },
+                    );
+                    self.emit(Event::StepAlreadyDone { key, section })?;
+                    continue;
+                }
+                _ => {}
+            }
+            let interrupted = matches!(prior.as_ref().map(|(s, _)| s.as_str()), Some("started"));
+            let result = self.run_step(frame, step, &key, section, interrupted)?;
+            if let Err(stop) = result {
+                return Ok(Err(stop));
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    fn run_step(
+        &mut self,
+        frame: &mut Frame,
+        step: &Step,
+        key: &str,
+        section: Section,
+        interrupted: bool,
+    ) -> Result<StepResult, ExecError> {
+        let action = step.kind.action_name();
+        if let Some(when) = &step.when {
+            match frame.eval(when, self.templates) {
+                Ok(false) => {
+                    frame.steps.insert(
+                        step.id.clone(),
+                        StepState::Done {
+                            status: "skipped",
+                            outputs: Outputs::new(),
+                        },
+                    );
+                    self.emit(Event::StepSkipped {
+                        key: key.to_string(),
+                        section,
+                        reason: format!("when `{when}` is false"),
+                    })?;
+                    return Ok(Ok(()));
+                }
+                Ok(true) => {}
+                Err(e) => {
+                    return self.fail_now(
+                        frame,
+                        key,
+                        section,
+                        action,
+                        Json::Null,
+                        format!("`when`: {e}"),
+                    );
+                }
+            }
+        }
+        let args = match frame.render_args(&step.args, self.templates) {
+            Ok(a) => a,
+            Err(e) => return self.fail_now(frame, key, section, action, Json::Null, e),
+        };
+        let shown_args = frame.redactor.json(&args);
+        match &step.kind {
+            StepKind::Action(kind) => {
+                let ctx = ActionCtx {
+                    roots: frame.roots.clone(),
+                    state_dir: self.state_dir.clone(),
+                    deadline: None,
+                };
+                if interrupted && !self.retry_steps.contains(key) && step.idempotent != Some(true) {
+                    let decision = if step.idempotent == Some(false) {
+                        Reconcile::AskOperator("the step is declared `idempotent: false`".into())
+                    } else {
+                        kind.reconcile(&args, &ctx)
+                    };
+                    match decision {
+                        Reconcile::Rerun => {}
+                        Reconcile::AlreadyDone(outputs) => {
+                            let shown = frame.redactor_outputs(&outputs);
+                            frame.steps.insert(
+                                step.id.clone(),
+                                StepState::Done {
+                                    status: "succeeded",
+                                    outputs,
+                                },
+                            );
+                            self.emit(Event::StepSucceeded {
+                                key: key.to_string(),
+                                section,
+                                duration: Duration::ZERO,
+                                outputs: shown,
+                                reconciled: true,
+                            })?;
+                            return Ok(Ok(()));
+                        }
+                        Reconcile::AskOperator(why) => {
+                            let message = format!(
+                                "it was interrupted and {why}. Check whether it took effect ({action} {}), then run `runbook resume RUN_ID --retry-step {key}` to run it again",
+                                shown_args
+                            );
+                            return Ok(Err(Stop::NeedsOperator {
+                                key: key.to_string(),
+                                message: frame.redactor.text(&message),
+                            }));
+                        }
+                    }
+                }
+                for attempt in 1..=step.attempts {
+                    let started = Instant::now();
+                    self.emit(Event::StepStarted {
+                        key: key.to_string(),
+                        section,
+                        action,
+                        attempt,
+                        args: shown_args.clone(),
+                    })?;
+                    let ctx = ActionCtx {
+                        deadline: step.timeout.map(|t| started + t),
+                        ..ctx.clone()
+                    };
+                    let result = match kind.preflight(&args, &mut crate::world::World::real(), &ctx)
+                    {
+                        Verdict::WouldFail(why) => Err(format!("precondition failed: {why}")),
+                        _ => kind.execute(&args, &ctx).map_err(|e| e.to_string()),
+                    };
+                    match result {
+                        Ok(outputs) => {
+                            let shown = frame.redactor_outputs(&outputs);
+                            frame.steps.insert(
+                                step.id.clone(),
+                                StepState::Done {
+                                    status: "succeeded",
+                                    outputs,
+                                },
+                            );
+                            self.emit(Event::StepSucceeded {
+                                key: key.to_string(),
+                                section,
+                                duration: started.elapsed(),
+                                outputs: shown,
+                                reconciled: false,
+                            })?;
+                            return Ok(Ok(()));
+                        }
+                        Err(error) => {
+                            let error = frame.redactor.text(&error);
+                            let will_retry = attempt < step.attempts;
+                            self.emit(Event::StepFailed {
+                                key: key.to_string(),
+                                section,
+                                duration: started.elapsed(),
+                                error: error.clone(),
+                                will_retry,
+                            })?;
+                            if will_retry {
+                                std::thread::sleep(step.retry_delay);
+                            } else {
+                                return Ok(Err(Stop::Failed {
+                                    key: key.to_string(),
+                                    error,
+                                }));
+                            }
+                        }
+                    }
+                }
+                unreachable!("attempts is at least 1")
+            }
+            StepKind::Assert => {
+                let started = Instant::now();
+                self.emit(Event::StepStarted {
+                    key: key.to_string(),
+                    section,
+                    action,
+                    attempt: 1,
+                    args: shown_args,
+                })?;
+                let parsed: Result<AssertArgs, String> =
+                    serde_json::from_value(args).map_err(|e| e.to_string());
+                let result = parsed.and_then(|a| match frame.eval(&a.that, self.templates) {
+                    Ok(true) => Ok(()),
+                    Ok(false) => Err(assert_message(&a, frame, self.templates)),
+                    Err(e) => Err(format!("`that`: {e}")),
+                });
+                self.finish(
+                    frame,
+                    step,
+                    key,
+                    section,
+                    started,
+                    result.map(|()| Outputs::new()),
+                )
+            }
+            StepKind::Call(child) => {
+                let started = Instant::now();
+                self.emit(Event::StepStarted {
+                    key: key.to_string(),
+                    section,
+                    action,
+                    attempt: 1,
+                    args: shown_args,
+                })?;
+                let mut child_frame = match child_frame(child, &args, self.inputs, self.templates) {
+                    Ok(f) => f,
+                    Err(e) => return self.finish(frame, step, key, section, started, Err(e)),
+                };
+                // A resumed call sees the vars its first attempt froze.
+                if let Some(frozen) = self.prior.and_then(|p| p.frames.get(key)) {
+                    for (k, v) in frozen {
+                        child_frame.vars.insert(k.clone(), v.clone());
+                    }
+                }
+                self.emit(Event::FrameFrozen {
+                    key: key.to_string(),
+                    vars: child_frame.frozen_vars(),
+                })?;
+                let prefix = format!("{key}/");
+                let steps = &child.steps;
+                let result = match self.run_steps(&mut child_frame, steps, &prefix, section)? {
+                    Ok(()) => child_frame.outputs(self.templates),
+                    Err(stop) => {
+                        self.after_failure(&mut child_frame, &prefix, &stop)?;
+                        match stop {
+                            Stop::NeedsOperator { .. } => return Ok(Err(stop)),
+                            Stop::Failed { key: k, error } => {
+                                Err(format!("step `{k}` of `{}` failed: {error}", child.name))
+                            }
+                        }
+                    }
+                };
+                self.finish(frame, step, key, section, started, result)
+            }
+        }
+    }
+
+    fn finish(
+        &mut self,
+        frame: &mut Frame,
+        step: &Step,
+        key: &str,
+        section: Section,
+        started: Instant,
+        result: Result<Outputs, String>,
+    ) -> Result<StepResult, ExecError> {
+        match result {
+            Ok(outputs) => {
+                let shown = frame.redactor_outputs(&outputs);
+                frame.steps.insert(
+                    step.id.clone(),
+                    StepState::Done {
+                        status: "succeeded",
+                        outputs,
+                    },
+                );
+                self.emit(Event::StepSucceeded {
+                    key: key.to_string(),
+                    section,
+                    duration: started.elapsed(),
+                    outputs: shown,
+                    reconciled: false,
+                })?;
+                Ok(Ok(()))
+            }
+            Err(error) => {
+                let error = frame.redactor.text(&error);
+                self.emit(Event::StepFailed {
+                    key: key.to_string(),
+                    section,
+                    duration: started.elapsed(),
+                    error: error.clone(),
+                    will_retry: false,
+                })?;
+                Ok(Err(Stop::Failed {
+                    key: key.to_string(),
+                    error,
+                }))
+            }
+        }
+    }
+
+    /// A failure found before the step could start (rendering, `when`).
+    fn fail_now(
+        &mut self,
+        frame: &Frame,
+        key: &str,
+        section: Section,
+        action: &'static str,
+        args: Json,
+        error: String,
+    ) -> Result<StepResult, ExecError> {
+        let error = frame.redactor.text(&error);
+        self.emit(Event::StepStarted {
+            key: key.to_string(),
+            section,
+            action,
+            attempt: 1,
+            args,
+        })?;
+        self.emit(Event::StepFailed {
+            key: key.to_string(),
+            section,
+            duration: Duration::ZERO,
+            error: error.clone(),
+            will_retry: false,
+        })?;
+        Ok(Err(Stop::Failed {
+            key: key.to_string(),
+            error,
+        }))
+    }
+}
+
+impl Frame {
+    /// Outputs as they are stored and shown: secrets masked.
+    pub fn redactor_outputs(&self, outputs: &Outputs) -> Outputs {
+        outputs
+            .iter()
+            .map(|(k, v)| (k.clone(), self.redactor.json(v)))
+            .collect()
+    }
+}

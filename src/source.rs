@@ -1,0 +1,191 @@
+//! A runbook (or vars) file as text, plus an index from YAML paths to positions.
+//!
+//! serde_yaml reports positions only for errors it finds itself; the checks that
+//! come after deserialization (duplicate ids, undefined template names, call cycles)
+//! need to point into the file too, so the file is also read by yaml-rust2's event
+//! parser once and every key and value is indexed by the same path syntax serde_yaml
+//! uses in its messages (`steps[0].with.path`).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// A 1-based line and column in a source file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pos {
+    pub line: usize,
+    pub col: usize,
+}
+
+#[derive(Debug)]
+pub struct SourceFile {
+    /// The path as the user gave it (or as found on the search path); used in messages.
+    pub path: PathBuf,
+    pub text: String,
+    values: HashMap<String, Pos>,
+    keys: HashMap<String, Pos>,
+}
+
+impl SourceFile {
+    pub fn new(path: &Path, text: String) -> Self {
+        let mut index = Indexer::default();
+        // Syntax errors are reported by serde_yaml with a location; here a failed parse
+        // only leaves the index partial.
+        let _ = Parser::new_from_str(&text).load(&mut index, false);
+        SourceFile {
+            path: path.to_path_buf(),
+            text,
+            values: index.values,
+            keys: index.keys,
+        }
+    }
+
+    /// Position of the value at `path`, falling back to the nearest indexed ancestor.
+    pub fn value_pos(&self, path: &str) -> Pos {
+        let mut p = path.to_string();
+        loop {
+            if let Some(pos) = self.values.get(&p) {
+                return *pos;
+            }
+            match parent_path(&p) {
+                Some(parent) => p = parent,
+                None => return Pos { line: 1, col: 1 },
+            }
+        }
+    }
+
+    /// Position of the key that introduces `path` (or of its value when it has no key).
+    pub fn key_pos(&self, path: &str) -> Pos {
+        self.keys
+            .get(path)
+            .copied()
+            .unwrap_or_else(|| self.value_pos(path))
+    }
+
+    pub fn line_text(&self, line: usize) -> Option<&str> {
+        self.text.lines().nth(line.checked_sub(1)?)
+    }
+}
+
+/// `steps[0].with.path` -> `steps[0].with`; `steps[0]` -> `steps`; `steps` -> None.
+pub fn parent_path(path: &str) -> Option<String> {
+    if path.is_empty() {
+        return None;
+    }
+    if path.ends_with(']') {
+        return path.rfind('[').map(|i| path[..i].to_string());
+    }
+    Some(
+        path.rfind('.')
+            .map_or(String::new(), |i| path[..i].to_string()),
+    )
+}
+
+fn child_key(parent: &str, key: &str) -> String {
+    if parent.is_empty() {
+        key.to_string()
+    } else {
+        format!("{parent}.{key}")
+    }
+}
+
+enum Frame {
+    Map { path: String, key: Option<String> },
+    Seq { path: String, next: usize },
+}
+
+#[derive(Default)]
+struct Indexer {
+    stack: Vec<Frame>,
+    values: HashMap<String, Pos>,
+    keys: HashMap<String, Pos>,
+}
+
+impl Indexer {
+    /// Decides the path of the node that starts now; returns None when it is a mapping key.
+    fn node_path(&mut self, ev: &Event, pos: Pos) -> Option<String> {
+        match self.stack.last_mut() {
+            None => Some(String::new()),
+            Some(Frame::Seq { path, next }) => {
+                let p = format!("{path}[{next}]");
+                *next += 1;
+                Some(p)
+            }
+            Some(Frame::Map { path, key }) => match key.take() {
+                Some(k) => Some(child_key(path, &k)),
+                None => {
+                    let k = match ev {
+                        Event::Scalar(s, ..) => s.clone(),
+                        _ => String::from("?"),
+                    };
+                    self.keys.insert(child_key(path, &k), pos);
+                    *key = Some(k);
+                    None
+                }
+            },
+        }
+    }
+}
+
+impl MarkedEventReceiver for Indexer {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = Pos {
+            line: mark.line(),
+            col: mark.col() + 1,
+        };
+        match ev {
+            Event::Scalar(..) | Event::Alias(..) => {
+                if let Some(p) = self.node_path(&ev, pos) {
+                    self.values.insert(p, pos);
+                }
+            }
+            Event::MappingStart(..) | Event::SequenceStart(..) => {
+                let is_map = matches!(ev, Event::MappingStart(..));
+                let p = self.node_path(&ev, pos).unwrap_or_default();
+                self.values.entry(p.clone()).or_insert(pos);
+                self.stack.push(if is_map {
+                    Frame::Map { path: p, key: None }
+                } else {
+                    Frame::Seq { path: p, next: 0 }
+                });
+            }
+            Event::MappingEnd | Event::SequenceEnd => {
+                self.stack.pop();
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indexes_keys_and_values_by_serde_path() {
+        let text = "version: 1\nsteps:\n  - id: a\n    with: {path: /x}\n";
+        let src = SourceFile::new(Path::new("f.yaml"), text.to_string());
+        assert_eq!(src.key_pos("steps"), Pos { line: 2, col: 1 });
+        assert_eq!(src.value_pos("steps[0].id"), Pos { line: 3, col: 9 });
+        assert_eq!(src.key_pos("steps[0].with"), Pos { line: 4, col: 5 });
+        assert_eq!(
+            src.value_pos("steps[0].with.path"),
+            Pos { line: 4, col: 18 }
+        );
+        // Unknown paths fall back to the nearest ancestor.
+        assert_eq!(
+            src.value_pos("steps[0].with.nope"),
+            Pos { line: 4, col: 11 }
+        );
+    }
+
+    #[test]
+    fn parent_paths() {
+        assert_eq!(parent_path("a.b[2]").as_deref(), Some("a.b"));
+        assert_eq!(parent_path("a.b").as_deref(), Some("a"));
+        assert_eq!(parent_path("a").as_deref(), Some(""));
+        assert_eq!(parent_path(""), None);
+    }
+}

@@ -1,0 +1,230 @@
+//! Templates and expressions: minijinja with strict undefined.
+//!
+//! Checking happens twice. `validate` parses every template and compares the names it
+//! uses with what the runbook declares (params, vars, earlier steps), so a typo is an
+//! error before anything runs. Rendering then uses strict undefined, so a missing
+//! attribute (say a step output that does not exist) is an error, never "".
+//!
+//! In a dry-run the outputs of earlier steps do not exist yet. They are stood in for by
+//! placeholders such as `<db.outputs.bytes>`, and every step whose values used one is
+//! reported as "unknown until db runs".
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
+use minijinja::{Environment, UndefinedBehavior};
+
+pub struct Templates {
+    env: Environment<'static>,
+}
+
+/// The names a template may use.
+pub struct Scope<'a> {
+    pub names: &'a BTreeSet<String>,
+    /// Step ids whose outputs may be read (`steps.<id>`).
+    pub steps: &'a BTreeSet<String>,
+    /// Ids that exist but run later (for a better message).
+    pub later_steps: &'a BTreeSet<String>,
+}
+
+/// A problem found in a template before it runs.
+#[derive(Debug)]
+pub struct TemplateIssue {
+    pub message: String,
+    pub hint: Option<String>,
+    /// The offending name, to point the column at it.
+    pub name: Option<String>,
+}
+
+impl Default for Templates {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn now_utc(format: Option<String>) -> Result<String, minijinja::Error> {
+    use std::fmt::Write;
+    let format = format.unwrap_or_else(|| "%Y-%m-%dT%H:%M:%SZ".to_string());
+    let mut out = String::new();
+    write!(out, "{}", chrono::Utc::now().format(&format)).map_err(|_| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("`{format}` is not a valid strftime format"),
+        )
+    })?;
+    Ok(out)
+}
+
+impl Templates {
+    pub fn new() -> Self {
+        let mut env = Environment::new();
+        env.set_undefined_behavior(UndefinedBehavior::Strict);
+        // Multi-line content (write-file) keeps its final newline.
+        if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
+            .keep_trailing_newline(true)
+            .build()
+        {
+            env.set_syntax(syntax);
+        }
+        env.add_function("now_utc", now_utc);
+        Templates { env }
+    }
+
+    fn is_global(&self, name: &str) -> bool {
+        self.env.globals().any(|(n, _)| n == name)
+    }
+
+    fn check_names(
+        &self,
+        used: impl IntoIterator<Item = String>,
+        scope: &Scope,
+    ) -> Result<(), TemplateIssue> {
+        let mut used: Vec<String> = used.into_iter().collect();
+        used.sort();
+        for name in used {
+            let mut parts = name.split('.');
+            let root = parts.next().unwrap_or_default();
+            if root == "steps" {
+                let Some(id) = parts.next() else { continue };
+                if scope.steps.contains(id) {
+                    continue;
+                }
+                let message = if scope.later_steps.contains(id) {
+                    format!("`steps.{id}` is read before step `{id}` runs")
+                } else {
+                    format!("undefined step `{id}` in `{name}`")
+                };
+                let hint =
+                    crate::diagnostic::did_you_mean(id, scope.steps.iter().map(String::as_str));
+                return Err(TemplateIssue {
+                    message,
+                    hint,
+                    name: Some(id.to_string()),
+                });
+            }
+            if scope.names.contains(root) || self.is_global(root) {
+                continue;
+            }
+            let hint =
+                crate::diagnostic::did_you_mean(root, scope.names.iter().map(String::as_str))
+                    .or_else(|| {
+                        Some(
+                    "declare it under `params` (values come from --set or --vars) or `vars`"
+                        .to_string(),
+                )
+                    });
+            return Err(TemplateIssue {
+                message: format!("undefined variable `{root}`"),
+                hint,
+                name: Some(root.to_string()),
+            });
+        }
+        Ok(())
+    }
+
+    /// Parses a template and checks the names it uses.
+    pub fn check_template(&self, source: &str, scope: &Scope) -> Result<(), TemplateIssue> {
+        let tmpl = self.env.template_from_str(source).map_err(syntax_issue)?;
+        self.check_names(tmpl.undeclared_variables(true), scope)
+    }
+
+    /// Parses an expression (`when`, `assert.that`) and checks the names it uses.
+    pub fn check_expression(&self, source: &str, scope: &Scope) -> Result<(), TemplateIssue> {
+        let expr = self.env.compile_expression(source).map_err(syntax_issue)?;
+        self.check_names(expr.undeclared_variables(true), scope)
+    }
+
+    pub fn render(&self, source: &str, ctx: &Value) -> Result<String, String> {
+        if !source.contains("{{") && !source.contains("{%") {
+            return Ok(source.to_string());
+        }
+        self.env.render_str(source, ctx).map_err(|e| describe(&e))
+    }
+
+    pub fn eval(&self, source: &str, ctx: &Value) -> Result<Value, String> {
+        let expr = self
+            .env
+            .compile_expression(source)
+            .map_err(|e| describe(&e))?;
+        expr.eval(ctx).map_err(|e| describe(&e))
+    }
+}
+
+fn syntax_issue(e: minijinja::Error) -> TemplateIssue {
+    TemplateIssue {
+        message: format!("template syntax: {}", describe(&e)),
+        hint: None,
+        name: None,
+    }
+}
+
+/// minijinja's message without its template-name suffix.
+pub fn describe(e: &minijinja::Error) -> String {
+    let mut msg = e
+        .detail()
+        .map_or_else(|| e.kind().to_string(), str::to_string);
+    if e.kind() == minijinja::ErrorKind::UndefinedError && e.detail().is_none() {
+        msg = "undefined value (strict mode): a name or attribute does not exist".into();
+    }
+    msg
+}
+
+/// Records which earlier steps' outputs a rendering read before they existed.
+#[derive(Debug, Default, Clone)]
+pub struct UnknownReads(Arc<Mutex<BTreeSet<String>>>);
+
+impl UnknownReads {
+    pub fn take(&self) -> BTreeSet<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+}
+
+/// `steps.<id>.outputs` of a step that has not run (dry-run).
+#[derive(Debug)]
+pub struct PendingOutputs {
+    pub step: String,
+    pub reads: UnknownReads,
+}
+
+impl Object for PendingOutputs {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.reads
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.step.clone());
+        Some(Value::from(format!("<{}.outputs.{}>", self.step, key)))
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Empty
+    }
+
+    fn is_true(self: &Arc<Self>) -> bool {
+        self.reads
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.step.clone());
+        true
+    }
+}
+
+impl Templates {
+    /// The top-level names a template reads (for secret tracking).
+    pub fn names_used(&self, source: &str) -> BTreeSet<String> {
+        self.env
+            .template_from_str(source)
+            .map(|t| {
+                t.undeclared_variables(false)
+                    .into_iter()
+                    .collect::<BTreeSet<_>>()
+            })
+            .unwrap_or_default()
+    }
+}

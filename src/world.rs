@@ -1,0 +1,205 @@
+//! What a step sees of the filesystem: the real one, or (in a dry-run) the real one
+//! overlaid with the predicted effects of the steps planned before it.
+//!
+//! Everything here reads; nothing writes. That is what lets `plan` promise it touches
+//! nothing while still letting a step that creates a directory make the next step's
+//! "parent exists" check pass.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Missing,
+    /// A regular file; `len` is None when only predicted and its size is not known.
+    File {
+        len: Option<u64>,
+    },
+    Dir,
+    /// A symlink, socket or device.
+    Other,
+}
+
+#[derive(Debug, Clone)]
+enum Predicted {
+    Dir,
+    File {
+        len: Option<u64>,
+    },
+    Absent,
+    /// Will hold a copy of this (real or predicted) path.
+    CopyOf(PathBuf),
+}
+
+#[derive(Debug, Default)]
+pub struct World {
+    /// None for the real world: predictions are dropped and every query goes to disk.
+    overlay: Option<BTreeMap<PathBuf, Predicted>>,
+}
+
+impl World {
+    pub fn real() -> Self {
+        World { overlay: None }
+    }
+
+    pub fn predicted() -> Self {
+        World {
+            overlay: Some(BTreeMap::new()),
+        }
+    }
+
+    /// True when this world holds a prediction for `path` or an ancestor, i.e. its
+    /// content on disk does not tell what it will be.
+    pub fn is_predicted(&self, path: &Path) -> bool {
+        let Some(overlay) = &self.overlay else {
+            return false;
+        };
+        let path = normalize(path);
+        path.ancestors().any(|a| overlay.contains_key(a))
+    }
+
+    pub fn node(&self, path: &Path) -> Node {
+        let path = normalize(path);
+        if let Some(overlay) = &self.overlay {
+            for ancestor in path.ancestors() {
+                match overlay.get(ancestor) {
+                    None => continue,
+                    Some(Predicted::Absent) => return Node::Missing,
+                    Some(Predicted::File { len }) => {
+                        return if ancestor == path {
+                            Node::File { len: *len }
+                        } else {
+                            Node::Missing
+                        };
+                    }
+                    Some(Predicted::Dir) if ancestor == path => return Node::Dir,
+                    Some(Predicted::Dir) => break,
+                    Some(Predicted::CopyOf(src)) => {
+                        let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
+                        return self.node(&src.join(rest));
+                    }
+                }
+            }
+        }
+        real_node(&path)
+    }
+
+    pub fn predict_dir(&mut self, path: &Path) {
+        let path = normalize(path);
+        if self.overlay.is_none() {
+            return;
+        }
+        // Only directories that do not exist (really or as predicted) get an entry, so
+        // that existing ancestors keep answering from disk.
+        let missing: Vec<PathBuf> = path
+            .ancestors()
+            .skip(1)
+            .filter(|a| self.node(a) != Node::Dir)
+            .map(Path::to_path_buf)
+            .collect();
+        if let Some(overlay) = &mut self.overlay {
+            for ancestor in missing {
+                overlay.retain(|p, _| !p.starts_with(&ancestor));
+                overlay.insert(ancestor, Predicted::Dir);
+            }
+            overlay.insert(path, Predicted::Dir);
+        }
+    }
+
+    pub fn predict_file(&mut self, path: &Path, len: Option<u64>) {
+        let path = normalize(path);
+        self.predict_replaced(&path, Predicted::File { len });
+    }
+
+    pub fn predict_copy(&mut self, from: &Path, to: &Path) {
+        let (from, to) = (normalize(from), normalize(to));
+        self.predict_replaced(&to, Predicted::CopyOf(from));
+    }
+
+    pub fn predict_absent(&mut self, path: &Path) {
+        let path = normalize(path);
+        self.predict_replaced(&path, Predicted::Absent);
+    }
+
+    fn predict_replaced(&mut self, path: &Path, what: Predicted) {
+        if self.overlay.is_none() {
+            return;
+        }
+        if let Some(overlay) = &mut self.overlay {
+            overlay.retain(|p, _| !p.starts_with(path));
+            overlay.insert(path.to_path_buf(), what);
+        }
+    }
+}
+
+fn real_node(path: &Path) -> Node {
+    match std::fs::symlink_metadata(path) {
+        Err(_) => Node::Missing,
+        Ok(m) if m.is_dir() => Node::Dir,
+        Ok(m) if m.is_file() => Node::File { len: Some(m.len()) },
+        Ok(_) => Node::Other,
+    }
+}
+
+/// Absolute and free of `.`/`..`, without touching the filesystem (the path may not
+/// exist yet, and symlinks are not followed on purpose: a check must judge the path
+/// that the action will use).
+pub fn normalize(path: &Path) -> PathBuf {
+    let absolute = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        std::env::current_dir()
+            .unwrap_or_else(|_| PathBuf::from("/"))
+            .join(path)
+    };
+    let mut out = PathBuf::from("/");
+    for c in absolute.components() {
+        match c {
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(part) => out.push(part),
+            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn predictions_overlay_the_real_tree() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        std::fs::write(base.join("src"), b"hello").unwrap();
+        let mut w = World::predicted();
+        assert_eq!(w.node(&base.join("new/sub")), Node::Missing);
+        w.predict_dir(&base.join("new/sub"));
+        assert_eq!(w.node(&base.join("new")), Node::Dir);
+        assert_eq!(w.node(&base.join("new/sub")), Node::Dir);
+        w.predict_copy(&base.join("src"), &base.join("new/sub/copy"));
+        assert_eq!(
+            w.node(&base.join("new/sub/copy")),
+            Node::File { len: Some(5) }
+        );
+        w.predict_absent(&base.join("new"));
+        assert_eq!(w.node(&base.join("new/sub/copy")), Node::Missing);
+        assert_eq!(w.node(&base.join("src")), Node::File { len: Some(5) });
+        // The real world ignores predictions.
+        let mut real = World::real();
+        real.predict_dir(&base.join("x"));
+        assert_eq!(real.node(&base.join("x")), Node::Missing);
+        assert!(!base.join("x").exists());
+    }
+
+    #[test]
+    fn normalize_is_lexical() {
+        assert_eq!(
+            normalize(Path::new("/a/b/../c/./d")),
+            PathBuf::from("/a/c/d")
+        );
+        assert_eq!(normalize(Path::new("/../..")), PathBuf::from("/"));
+    }
+}
