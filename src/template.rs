@@ -125,13 +125,19 @@ impl Templates {
 
     /// Parses a template and checks the names it uses.
     pub fn check_template(&self, source: &str, scope: &Scope) -> Result<(), TemplateIssue> {
-        let tmpl = self.env.template_from_str(source).map_err(syntax_issue)?;
+        let tmpl = self
+            .env
+            .template_from_str(source)
+            .map_err(|e| syntax_issue("template", &e))?;
         self.check_names(tmpl.undeclared_variables(true), scope)
     }
 
     /// Parses an expression (`when`, `assert.that`) and checks the names it uses.
     pub fn check_expression(&self, source: &str, scope: &Scope) -> Result<(), TemplateIssue> {
-        let expr = self.env.compile_expression(source).map_err(syntax_issue)?;
+        let expr = self
+            .env
+            .compile_expression(source)
+            .map_err(|e| syntax_issue("expression", &e))?;
         self.check_names(expr.undeclared_variables(true), scope)
     }
 
@@ -151,9 +157,9 @@ impl Templates {
     }
 }
 
-fn syntax_issue(e: minijinja::Error) -> TemplateIssue {
+fn syntax_issue(what: &str, e: &minijinja::Error) -> TemplateIssue {
     TemplateIssue {
-        message: format!("template syntax: {}", describe(&e)),
+        message: format!("{what} syntax: {}", describe(e)),
         hint: None,
         name: None,
     }

@@ -1,0 +1,216 @@
+//! Every class of runbook error: exact `FILE:LINE:COL` message, exit code 2, and
+//! nothing runs (no journal, no file written).
+
+use crate::support::Sandbox;
+
+/// (file name, runbook text, exact stderr of `runbook run NAME`)
+const CASES: &[(&str, &str, &str)] = &[
+    (
+        "syntax",
+        "version: 1\nsteps:\n  - id: a\n    action: mkdir\n   with: {path: out/x}\n",
+        "runbooks/syntax.yaml:5:4: error: did not find expected '-' indicator, while parsing a block collection at line 3 column 3
+ 5 |    with: {path: out/x}
+   |    ^
+",
+    ),
+    (
+        "wrong-type",
+        "version: 1\nsteps:\n  - id: make\n    action: mkdir\n    with: {path: out/x}\n    retry: {attempts: many}\n",
+        "runbooks/wrong-type.yaml:6:23: error: invalid type: string \"many\", expected u32 (step `make`, field `steps[0].retry.attempts`)
+ 6 |     retry: {attempts: many}
+   |                       ^
+",
+    ),
+    (
+        "unknown-key",
+        "version: 1\nsteps:\n  - id: make\n    action: mkdir\n    wth: {path: out/x}\n",
+        "runbooks/unknown-key.yaml:5:5: error: unknown key `wth` (step `make`, field `steps[0].wth`)
+ 5 |     wth: {path: out/x}
+   |     ^
+help: did you mean `with`?
+",
+    ),
+    (
+        "unknown-action",
+        "version: 1\nsteps:\n  - id: make\n    action: mkdri\n    with: {path: out/x}\n",
+        "runbooks/unknown-action.yaml:4:13: error: unknown action `mkdri` (step `make`, field `steps[0].action`)
+ 4 |     action: mkdri
+   |             ^
+help: did you mean `mkdir`?
+",
+    ),
+    (
+        "missing-arg",
+        "version: 1\nsteps:\n  - id: copy-db\n    action: copy\n    with: {from: out/a}\n",
+        "runbooks/missing-arg.yaml:5:5: error: missing argument `to` (step `copy-db`, field `steps[0].with`)
+ 5 |     with: {from: out/a}
+   |     ^
+",
+    ),
+    (
+        "unknown-arg",
+        "version: 1\nsteps:\n  - id: copy-db\n    action: copy\n    with: {from: out/a, too: out/b}\n",
+        "runbooks/unknown-arg.yaml:5:25: error: unknown argument `too`, expected one of `from`, `to`, `overwrite`, `mode` (step `copy-db`, field `steps[0].with.too`)
+ 5 |     with: {from: out/a, too: out/b}
+   |                         ^
+help: did you mean `to`?
+",
+    ),
+    (
+        "duplicate-id",
+        "version: 1\nsteps:\n  - id: make\n    action: mkdir\n    with: {path: out/x}\n  - id: make\n    action: mkdir\n    with: {path: out/y}\n",
+        "runbooks/duplicate-id.yaml:6:9: error: duplicate step id `make` (first used at line 3) (step `make`, field `steps[1].id`)
+ 6 |   - id: make
+   |         ^
+",
+    ),
+    (
+        "undefined-var",
+        "version: 1\nparams:\n  backup_dir: {type: path, required: true}\nsteps:\n  - id: make\n    action: mkdir\n    with: {path: \"{{ backup_dri }}/snapshots\"}\n",
+        "runbooks/undefined-var.yaml:7:22: error: undefined variable `backup_dri` (step `make`, field `steps[0].with.path`)
+ 7 |     with: {path: \"{{ backup_dri }}/snapshots\"}
+   |                      ^
+help: did you mean `backup_dir`?
+",
+    ),
+    (
+        "bad-when",
+        "version: 1\nparams:\n  include_chroma: {type: bool, default: false}\nsteps:\n  - id: make\n    action: mkdir\n    when: include_chroma ==\n    with: {path: out/x}\n",
+        "runbooks/bad-when.yaml:7:11: error: expression syntax: unexpected end of input, expected expression (step `make`, field `steps[0].when`)
+ 7 |     when: include_chroma ==
+   |           ^
+",
+    ),
+    (
+        "output-before-run",
+        "version: 1\nsteps:\n  - id: first\n    action: exec\n    with: {argv: [echo, \"{{ steps.second.outputs.stdout }}\"]}\n  - id: second\n    action: exec\n    with: {argv: [echo, hi]}\n",
+        "runbooks/output-before-run.yaml:5:35: error: `steps.second` is read before step `second` runs (step `first`, field `steps[0].with.argv[1]`)
+ 5 |     with: {argv: [echo, \"{{ steps.second.outputs.stdout }}\"]}
+   |                                   ^
+",
+    ),
+];
+
+#[test]
+fn each_error_class_names_file_line_col_step_and_field_and_nothing_runs() {
+    let sb = Sandbox::new();
+    for (name, text, expected) in CASES {
+        sb.write(&format!("runbooks/{name}.yaml"), text);
+        let r = sb.run(&["run", name]);
+        assert_eq!(r.code, 2, "{name}: {r:?}");
+        assert_eq!(r.stderr, *expected, "{name}");
+        assert_eq!(r.stdout, "", "{name}");
+        let v = sb.run(&["validate", name]);
+        assert_eq!(
+            (v.code, v.stderr.trim_end()),
+            (2, expected.trim_end()),
+            "validate {name}"
+        );
+    }
+    assert!(!sb.p("out").exists(), "a step ran");
+    assert!(!sb.p("state").exists(), "a journal was written");
+}
+
+#[test]
+fn call_cycle_is_reported_where_it_closes() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/ops/a.yaml",
+        "version: 1\nsteps:\n  - id: call-b\n    action: runbook\n    with: {name: ops/b}\n",
+    );
+    sb.write(
+        "runbooks/ops/b.yaml",
+        "version: 1\nsteps:\n  - id: call-a\n    action: runbook\n    with: {name: ops/a}\n",
+    );
+    let r = sb.run(&["validate", "ops/a"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr,
+        "runbooks/ops/a.yaml:5:18: error: called runbook `ops/b` is invalid (see below) (step `call-b`, field `steps[0].with.name`)
+ 5 |     with: {name: ops/b}
+   |                  ^
+
+runbooks/ops/b.yaml:5:18: error: call cycle: ops/a -> ops/b -> ops/a (step `call-a`, field `steps[0].with.name`)
+ 5 |     with: {name: ops/a}
+   |                  ^
+
+"
+    );
+}
+
+#[test]
+fn errors_as_json_carry_the_same_positions() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/bad.yaml",
+        CASES[3].1.replace("unknown-action", "bad").as_str(),
+    );
+    let r = sb.run(&["validate", "bad", "--format", "json"]);
+    assert_eq!(r.code, 2);
+    let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    let d = &v[0]["diagnostics"][0];
+    assert_eq!(d["file"], "runbooks/bad.yaml");
+    assert_eq!(
+        (d["line"].as_u64(), d["column"].as_u64()),
+        (Some(4), Some(13))
+    );
+    assert_eq!(d["step"], "make");
+    assert_eq!(d["field"], "steps[0].action");
+    assert_eq!(d["hint"], "did you mean `mkdir`?");
+}
+
+#[test]
+fn bad_params_are_invalid_input_with_what_to_do() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/p.yaml",
+        "version: 1\nparams:\n  stamp: {type: string, required: true, pattern: '[0-9]{8}T[0-9]{6}Z', description: Snapshot to use.}\n  keep: {type: int, default: 3}\nsteps:\n  - id: a\n    action: assert\n    with: {that: keep > 0}\n",
+    );
+    let r = sb.run(&["plan", "p"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            2,
+            "error: missing required param:\n  stamp (string): Snapshot to use.\ngive them with --set NAME=VALUE or in a --vars FILE\n"
+        )
+    );
+    let r = sb.run(&["plan", "p", "--set", "stamp=yesterday"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            2,
+            "error: param `stamp`: `yesterday` does not match the pattern `^(?:[0-9]{8}T[0-9]{6}Z)$`\n"
+        )
+    );
+    let r = sb.run(&[
+        "plan",
+        "p",
+        "--set",
+        "stamp=20260407T060000Z",
+        "--set",
+        "kep=2",
+    ]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr,
+        "error: `--set kep`: the runbook has no param `kep` (did you mean `keep`?); its params: stamp, keep\n"
+    );
+    let r = sb.run(&[
+        "plan",
+        "p",
+        "--set",
+        "stamp=20260407T060000Z",
+        "--set",
+        "keep=three",
+    ]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (2, "error: param `keep` is an int, not \"three\"\n")
+    );
+    let r = sb.run(&["plan", "nope"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr,
+        "error: no runbook named `nope` (looked in runbooks); `runbook list` shows the runbooks there\n"
+    );
+}
