@@ -400,6 +400,7 @@ impl App<'_> {
             prior: None,
             retry_steps: BTreeSet::new(),
             no_rollback,
+            run_id: run_id.to_string(),
         };
         let outcome = executor.run(&run_id, &mut frame, Event::RunStarted(Box::new(header)))?;
         Ok(exit_for(outcome.status, outcome.stop.as_ref()))
@@ -527,10 +528,12 @@ impl App<'_> {
             prior: Some(&record),
             retry_steps: retry.iter().cloned().collect(),
             no_rollback,
+            run_id: run_id.to_string(),
         };
         let start = Event::RunResumed {
             run_id: run_id.to_string(),
             runbook: rb.name.clone(),
+            purpose: "resume",
         };
         let outcome = executor.run(run_id, &mut frame, start)?;
         Ok(exit_for(outcome.status, outcome.stop.as_ref()))
@@ -587,13 +590,18 @@ impl App<'_> {
             prior: None,
             retry_steps: BTreeSet::new(),
             no_rollback: false,
+            run_id: run_id.to_string(),
         };
         let start = Event::RunResumed {
             run_id: run_id.to_string(),
             runbook: rb.name.clone(),
+            purpose: "rollback",
         };
         let outcome = executor.rollback(run_id, &mut frame, start)?;
-        Ok(exit_for(outcome.status, outcome.stop.as_ref()))
+        Ok(match outcome.status {
+            RunStatus::RolledBack => Exit::Success,
+            status => exit_for(status, outcome.stop.as_ref()),
+        })
     }
 
     fn journal_if_any(&self) -> Result<Option<Journal>, AppError> {

@@ -85,9 +85,11 @@ pub struct RunHeader {
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Event {
     RunStarted(Box<RunHeader>),
+    /// An earlier run continues: `resume` or `rollback`.
     RunResumed {
         run_id: String,
         runbook: String,
+        purpose: &'static str,
     },
     /// The frozen vars of a called runbook (key of the call step).
     FrameFrozen {

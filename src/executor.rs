@@ -53,6 +53,8 @@ pub struct Executor<'a> {
     /// Step keys that resume may run again although they were interrupted.
     pub retry_steps: BTreeSet<String>,
     pub no_rollback: bool,
+    /// For messages that tell the operator what to run next.
+    pub run_id: String,
 }
 
 type StepResult = Result<(), Stop>;
@@ -312,8 +314,8 @@ impl Executor<'_> {
                         }
                         Reconcile::AskOperator(why) => {
                             let message = format!(
-                                "it was interrupted and {why}. Check whether it took effect ({action} {}), then run `runbook resume RUN_ID --retry-step {key}` to run it again",
-                                shown_args
+                                "it was interrupted and {why}, so running it again could repeat its effect. Check whether it took effect (arguments: {shown_args}), then run `runbook resume {} --retry-step {key}`",
+                                self.run_id
                             );
                             return Ok(Err(Stop::NeedsOperator {
                                 key: key.to_string(),

@@ -47,7 +47,11 @@ impl EventSink for Reporter {
         }
         let line = match event {
             Event::RunStarted(h) => Some(format!("run {} {}", h.run_id, h.runbook)),
-            Event::RunResumed { run_id, runbook } => Some(format!("resume {run_id} {runbook}")),
+            Event::RunResumed {
+                run_id,
+                runbook,
+                purpose,
+            } => Some(format!("{purpose} {run_id} {runbook}")),
             Event::FrameFrozen { .. } => None,
             Event::StepStarted {
                 key,

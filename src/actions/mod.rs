@@ -103,10 +103,9 @@ pub trait Action: Send + Sync + 'static {
     fn reconcile(&self, args: &Self::Args, _ctx: &ActionCtx) -> Reconcile {
         match self.effect(args) {
             Effect::ReadOnly | Effect::Idempotent => Reconcile::Rerun,
-            Effect::NotIdempotent => Reconcile::AskOperator(format!(
-                "`{}` is not idempotent and this attempt may or may not have taken effect",
-                Self::NAME
-            )),
+            Effect::NotIdempotent => {
+                Reconcile::AskOperator(format!("`{}` is not idempotent", Self::NAME))
+            }
         }
     }
 }

@@ -1,1 +1,351 @@
+//! The journal: run ids, SIGKILL + resume, locks, rollback, secrets, changed runbooks.
 
+use std::io::{BufRead, BufReader};
+use std::process::Child;
+
+use crate::support::{Run, Sandbox};
+
+/// Steps that append to `count.log`; `wait` blocks until the file `go` exists.
+const COUNTED: &str = r#"version: 1
+lock: counted
+steps:
+  - id: one
+    action: exec
+    with: {argv: [sh, -c, "echo one >> count.log"]}
+  - id: two
+    action: exec
+    with: {argv: [sh, -c, "echo two >> count.log"]}
+  - id: wait
+    action: exec
+    idempotent: WAIT_IDEMPOTENT
+    with: {argv: [sh, -c, "echo wait >> count.log; while [ ! -e go ]; do sleep 0.02; done"]}
+  - id: three
+    action: exec
+    with: {argv: [sh, -c, "echo three >> count.log"]}
+"#;
+
+fn counted(idempotent: bool) -> Sandbox {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/counted.yaml",
+        &COUNTED.replace("WAIT_IDEMPOTENT", &idempotent.to_string()),
+    );
+    sb
+}
+
+/// Starts `runbook run NAME`, returns the child and the run id from its first line.
+fn start(sb: &Sandbox, name: &str) -> (Child, String) {
+    let mut child = sb.spawn(&["run", name]);
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let mut words = first.split_whitespace();
+    assert_eq!(words.next(), Some("run"), "first line: {first}");
+    let id = words.next().unwrap().to_string();
+    assert_eq!(words.next(), Some(name));
+    (child, id)
+}
+
+fn count_lines(sb: &Sandbox) -> Vec<String> {
+    std::fs::read_to_string(sb.p("count.log"))
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+fn runs_json(sb: &Sandbox) -> Vec<serde_json::Value> {
+    let r = sb.run(&["runs", "--format", "json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    serde_json::from_str::<serde_json::Value>(&r.stdout)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn kill_during_wait(sb: &Sandbox) -> String {
+    let (mut child, id) = start(sb, "counted");
+    sb.wait_for("the wait step", || {
+        count_lines(sb).last().map(String::as_str) == Some("wait")
+    });
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    id
+}
+
+#[test]
+fn sigkill_mid_run_then_resume_finishes_without_rerunning_finished_steps() {
+    let sb = counted(true);
+    let id = kill_during_wait(&sb);
+    let runs = runs_json(&sb);
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["id"], id.as_str());
+    assert_eq!(runs[0]["runbook"], "counted");
+    assert_eq!(runs[0]["status"], "interrupted");
+    assert!(runs[0]["started_at"].as_str().unwrap().starts_with("20"));
+    let show = sb.run(&["show", &id]);
+    assert!(show.stdout.contains("  succeeded one (exec)"), "{show:?}");
+    assert!(
+        show.stdout.contains("  started   wait (exec)\n"),
+        "{show:?}"
+    );
+    assert!(
+        show.stdout.contains("  pending   three (exec)\n"),
+        "{show:?}"
+    );
+
+    sb.write("go", ""); // lets the orphaned `sh` of the killed run finish too
+    let r = sb.run(&["resume", &id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let out: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(out[0], format!("resume {id} counted"));
+    assert_eq!(out[1], "  done     one (finished in an earlier attempt)");
+    assert_eq!(out[2], "  done     two (finished in an earlier attempt)");
+    assert!(out[3].starts_with("  ok       wait ("), "{r:?}");
+    assert!(out[4].starts_with("  ok       three ("), "{r:?}");
+    assert!(
+        out[5].starts_with(&format!("run {id} succeeded in ")),
+        "{r:?}"
+    );
+    // one and two ran once; the idempotent wait step ran again; three ran once.
+    assert_eq!(count_lines(&sb), ["one", "two", "wait", "wait", "three"]);
+    assert_eq!(runs_json(&sb)[0]["status"], "succeeded");
+    let again = sb.run(&["resume", &id]);
+    assert_eq!(
+        (again.code, again.stdout.as_str()),
+        (
+            0,
+            format!("run {id} already succeeded; nothing to resume\n").as_str()
+        )
+    );
+}
+
+#[test]
+fn an_interrupted_step_that_is_not_idempotent_waits_for_the_operator() {
+    let sb = counted(false);
+    let id = kill_during_wait(&sb);
+    sb.write("go", "");
+    let r = sb.run(&["resume", &id]);
+    assert_eq!(r.code, 3, "{r:?}");
+    let last = r.stdout.lines().last().unwrap();
+    assert!(
+        last.starts_with(&format!("run {id} failed after ")),
+        "{r:?}"
+    );
+    assert!(
+        last.ends_with(&format!(
+            ": step `wait` needs checking: it was interrupted and the step is declared `idempotent: false`, so running it again could repeat its effect. Check whether it took effect (arguments: {{\"argv\":[\"sh\",\"-c\",\"echo wait >> count.log; while [ ! -e go ]; do sleep 0.02; done\"]}}), then run `runbook resume {id} --retry-step wait`"
+        )),
+        "{r:?}"
+    );
+    assert_eq!(count_lines(&sb), ["one", "two", "wait"], "nothing ran");
+    let r = sb.run(&["resume", &id, "--retry-step", "wait"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(count_lines(&sb), ["one", "two", "wait", "wait", "three"]);
+}
+
+#[test]
+fn a_second_run_is_refused_while_the_lock_is_held_and_a_dead_holder_holds_nothing() {
+    let sb = counted(true);
+    let (mut child, id) = start(&sb, "counted");
+    sb.wait_for("the wait step", || {
+        count_lines(&sb).last().map(String::as_str) == Some("wait")
+    });
+    let second = sb.run(&["run", "counted"]);
+    assert_eq!(second.code, 3, "{second:?}");
+    assert_eq!(
+        second.stderr,
+        format!(
+            "error: lock `counted` is held by run {id}, pid {}; wait for it to finish (`runbook runs` shows it)\n",
+            child.id()
+        )
+    );
+    assert_eq!(
+        runs_json(&sb).len(),
+        1,
+        "the refused run left a journal entry"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    sb.write("go", "");
+    // The killed holder's lock is gone with it.
+    let third = sb.run(&["run", "counted"]);
+    assert_eq!(third.code, 0, "{third:?}");
+}
+
+const FAILING: &str = r#"version: 1
+roots: ["{root}/scratch"]
+steps:
+  - id: make
+    action: mkdir
+    with: {path: "{root}/scratch/work"}
+  - id: mark
+    action: write-file
+    with: {path: "{root}/scratch/work/mark", content: made}
+  - id: break
+    action: exec
+    with: {argv: [sh, -c, "echo boom >&2; exit 7"]}
+  - id: never
+    action: exec
+    with: {argv: [touch, "{root}/never"]}
+rollback:
+  - id: undo
+    action: remove
+    with: {path: "{{ steps.make.outputs.path }}"}
+"#;
+
+#[test]
+fn rollback_runs_after_a_failure_and_later_on_request() {
+    let sb = Sandbox::new();
+    sb.write("scratch/.keep", "");
+    sb.write("runbooks/failing.yaml", FAILING);
+    let r = sb.run(&["run", "failing"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let lines: Vec<String> = sb.redact(&r.stdout).lines().map(str::to_string).collect();
+    assert!(
+        lines[3].starts_with(
+            "  FAILED   break: sh -c 'echo boom >&2; exit 7' failed with exit code 7: boom"
+        ),
+        "{lines:#?}"
+    );
+    assert_eq!(lines[4], "rollback (step `break` failed)");
+    assert!(lines[5].starts_with("  ok       undo ("), "{lines:#?}");
+    assert!(lines[6].contains(" rolled-back after "), "{lines:#?}");
+    assert!(
+        !sb.p("scratch/work").exists(),
+        "rollback did not remove the work dir"
+    );
+    assert!(!sb.p("never").exists(), "a step after the failure ran");
+    assert_eq!(runs_json(&sb)[0]["status"], "rolled-back");
+
+    // --no-rollback leaves things for inspection; `runbook rollback` undoes them later.
+    let r = sb.run(&["run", "failing", "--no-rollback"]);
+    assert_eq!(r.code, 1);
+    assert_eq!(sb.read("scratch/work/mark"), "made");
+    let id = runs_json(&sb)[0]["id"].as_str().unwrap().to_string();
+    assert_eq!(runs_json(&sb)[0]["status"], "failed");
+    let rb = sb.run(&["rollback", &id]);
+    assert_eq!(rb.code, 0, "{rb:?}");
+    assert!(!sb.p("scratch/work").exists());
+    assert_eq!(runs_json(&sb)[0]["status"], "rolled-back");
+    let show = sb.run(&["show", &id, "--format", "json"]);
+    let record: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+    let undo = record["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["key"] == "undo")
+        .unwrap();
+    assert_eq!(
+        (undo["section"].as_str(), undo["status"].as_str()),
+        (Some("rollback"), Some("succeeded"))
+    );
+    assert_eq!(undo["outputs"]["removed"], true);
+}
+
+#[test]
+fn secret_params_appear_nowhere_in_the_journal_plan_or_logs() {
+    const SECRET: &str = "s3cr3t-T0KEN-value";
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/secret.yaml",
+        r#"version: 1
+params:
+  token: {type: string, secret: true, required: true}
+vars:
+  header: "Bearer {{ token }}"
+steps:
+  - id: out
+    action: mkdir
+    with: {path: out}
+  - id: use
+    action: exec
+    with: {argv: [echo, "{{ header }}"], env: {TOKEN: "{{ token }}"}}
+  - id: keep
+    action: write-file
+    with: {path: out/config, content: "token={{ token }}\n"}
+  - id: fail
+    action: exec
+    with: {argv: [sh, -c, "echo \"rejected $0\" >&2; exit 1", "{{ token }}"]}
+"#,
+    );
+    let set = format!("token={SECRET}");
+    let plan = sb.run(&["plan", "secret", "--set", &set, "--format", "json", "-vv"]);
+    let run = sb.run(&["run", "secret", "--set", &set, "-vv"]);
+    let run_json = sb.run(&["run", "secret", "--set", &set, "--format", "json"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stdout.contains("rejected ********"), "{run:?}");
+    // The real value reached the step that needed it.
+    assert_eq!(sb.read("out/config"), format!("token={SECRET}\n"));
+    let id = runs_json(&sb)[0]["id"].as_str().unwrap().to_string();
+    let show = sb.run(&["show", &id, "--format", "json"]);
+    let resume = sb.run(&["resume", &id, "--set", &set]);
+    assert_eq!(resume.code, 1);
+    let missing = sb.run(&["resume", &id]);
+    assert_eq!(missing.code, 2);
+    assert!(missing.stderr.contains("secret param `token` is not stored in the journal: give it again with --set token=... or --vars FILE"), "{missing:?}");
+    let mut seen = String::new();
+    for r in [&plan, &run, &run_json, &show, &resume] {
+        seen.push_str(&r.stdout);
+        seen.push_str(&r.stderr);
+    }
+    assert!(seen.contains("********"));
+    assert!(!seen.contains(SECRET), "secret in output:\n{seen}");
+    for entry in std::fs::read_dir(sb.p("state")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            let bytes = std::fs::read(&path).unwrap();
+            assert!(
+                !bytes.windows(SECRET.len()).any(|w| w == SECRET.as_bytes()),
+                "secret in {}",
+                path.display()
+            );
+        }
+    }
+}
+
+#[test]
+fn resume_refuses_a_changed_runbook_unless_told_to_accept_it() {
+    let sb = counted(true);
+    let id = kill_during_wait(&sb);
+    sb.write("go", "");
+    let text = sb
+        .read("runbooks/counted.yaml")
+        .replace("echo three", "echo THREE");
+    sb.write("runbooks/counted.yaml", &text);
+    let r: Run = sb.run(&["resume", &id]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.starts_with(&format!("error: the runbook changed since run {id} started:\n--- runbooks/counted.yaml (at run start)\n+++ runbooks/counted.yaml (now)\n")), "{r:?}");
+    assert!(r.stderr.contains("-    with: {argv: [sh, -c, \"echo three >> count.log\"]}\n+    with: {argv: [sh, -c, \"echo THREE >> count.log\"]}\n"), "{r:?}");
+    assert_eq!(count_lines(&sb), ["one", "two", "wait"]);
+    let r = sb.run(&["resume", &id, "--accept-changes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(count_lines(&sb), ["one", "two", "wait", "wait", "THREE"]);
+}
+
+#[test]
+fn a_runbook_calls_another_and_reads_its_outputs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/ops/child.yaml",
+        "version: 1\nparams:\n  name: {type: string, required: true}\n  dir: {type: path, required: true}\nsteps:\n  - id: write\n    action: write-file\n    with: {path: \"{{ dir }}/{{ name }}.txt\", content: \"hello {{ name }}\"}\noutputs:\n  file: \"{{ steps.write.outputs.path }}\"\n",
+    );
+    sb.write(
+        "runbooks/ops/parent.yaml",
+        "version: 1\nparams:\n  dir: {type: path, required: true}\nsteps:\n  - id: make\n    action: mkdir\n    with: {path: \"{{ dir }}\"}\n  - id: call\n    action: runbook\n    with: {name: ops/child, params: {name: world}}\n  - id: check\n    action: assert\n    with: {that: \"steps.call.outputs.file == dir ~ '/world.txt'\", message: \"child wrote {{ steps.call.outputs.file }}\"}\n",
+    );
+    sb.write("vars.yaml", "dir: out\nunrelated: ignored\n");
+    let plan = sb.run(&["plan", "ops/parent", "--vars", "vars.yaml"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(plan.stdout.contains("  will change call   runbook: runs `ops/child`: 1 step(s) will change, 0 unknown\n    will change write  write-file: create `out/world.txt` (11 bytes)\n"), "{plan:?}");
+    let r = sb.run(&["run", "ops/parent", "--vars", "vars.yaml"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(sb.read("out/world.txt"), "hello world");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines[2].starts_with("  ok       call/write ("), "{r:?}");
+    let list = sb.run(&["list"]);
+    assert_eq!(list.stdout, "ops/child   \nops/parent  \n");
+}
