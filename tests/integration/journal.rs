@@ -349,3 +349,116 @@ fn a_runbook_calls_another_and_reads_its_outputs() {
     let list = sb.run(&["list"]);
     assert_eq!(list.stdout, "ops/child   \nops/parent  \n");
 }
+
+/// SIGKILL at many points of a run: every resume ends the run, no step that the
+/// journal had recorded as succeeded runs again, and every step ran at least once.
+#[test]
+fn sigkill_at_any_point_loses_nothing() {
+    let sb = Sandbox::new();
+    let mut text =
+        String::from("version: 1\nparams:\n  tag: {type: string, required: true}\nsteps:\n");
+    for i in 0..12 {
+        text.push_str(&format!(
+            "  - id: s{i}\n    action: exec\n    idempotent: true\n    with: {{argv: [sh, -c, \"echo s{i} >> log-$0\", \"{{{{ tag }}}}\"]}}\n"
+        ));
+    }
+    sb.write("runbooks/many.yaml", &text);
+    let mut seen = std::collections::HashSet::new();
+    let mut interrupted_mid_run = 0;
+    for (round, delay_ms) in [0u64, 3, 6, 9, 12, 15, 18, 21, 25, 30, 35, 40, 50, 60]
+        .iter()
+        .enumerate()
+    {
+        let tag = format!("r{round}");
+        let mut child = sb.spawn(&["run", "many", "--set", &format!("tag={tag}")]);
+        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let new_run = runs_json(&sb)
+            .into_iter()
+            .find(|r| !seen.contains(r["id"].as_str().unwrap()));
+        let Some(run) = new_run else {
+            assert!(
+                !sb.p(&format!("log-{tag}")).exists(),
+                "round {round}: steps ran without a journal entry"
+            );
+            continue;
+        };
+        let id = run["id"].as_str().unwrap().to_string();
+        seen.insert(id.clone());
+        let show = sb.run(&["show", &id, "--format", "json"]);
+        let record: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
+        let done_before: Vec<String> = record["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|s| s["status"] == "succeeded")
+            .map(|s| s["key"].as_str().unwrap().to_string())
+            .collect();
+        if !done_before.is_empty() && done_before.len() < 12 {
+            interrupted_mid_run += 1;
+        }
+        let r = sb.run(&["resume", &id]);
+        assert_eq!(r.code, 0, "round {round}: {r:?}");
+        let log = std::fs::read_to_string(sb.p(&format!("log-{tag}"))).unwrap_or_default();
+        for i in 0..12 {
+            let step = format!("s{i}");
+            let n = log.lines().filter(|l| *l == step).count();
+            if done_before.contains(&step) {
+                assert_eq!(n, 1, "round {round}: finished step {step} ran again");
+            } else {
+                assert!(
+                    (1..=2).contains(&n),
+                    "round {round}: step {step} ran {n} times"
+                );
+            }
+        }
+    }
+    assert!(
+        interrupted_mid_run >= 2,
+        "only {interrupted_mid_run} rounds were killed between steps"
+    );
+}
+
+#[test]
+fn retry_and_timeout_are_honoured_and_journaled() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/flaky.yaml",
+        r#"version: 1
+steps:
+  - id: flaky
+    action: exec
+    retry: {attempts: 3, delay: 10ms}
+    with: {argv: [sh, -c, "echo x >> tries; [ $(wc -l < tries) -ge 3 ]"]}
+  - id: slow
+    action: exec
+    with: {argv: [sleep, "5"], timeout: 200ms}
+"#,
+    );
+    let started = std::time::Instant::now();
+    let r = sb.run(&["run", "flaky"]);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(4),
+        "the timeout did not stop sleep"
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    assert_eq!(sb.read("tries").lines().count(), 3);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(
+        lines[1].starts_with("  FAILED   flaky: sh -c ")
+            && lines[1].ends_with(" failed with exit code 1 (retrying)"),
+        "{r:?}"
+    );
+    assert!(lines[3].starts_with("  ok       flaky ("), "{r:?}");
+    assert!(
+        lines[4].starts_with("  FAILED   slow: timed out after 20"),
+        "{r:?}"
+    );
+    let id = runs_json(&sb)[0]["id"].as_str().unwrap().to_string();
+    let show = sb.run(&["show", &id]);
+    assert!(
+        show.stdout.contains("  succeeded flaky (exec)") && show.stdout.contains(" (3 attempts)\n"),
+        "{show:?}"
+    );
+}
