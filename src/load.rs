@@ -1,7 +1,7 @@
 //! Raw file -> validated [`Runbook`]. Every problem is a [`Diagnostic`] that points
 //! into the file; nothing runs until a runbook (and every runbook it calls) is valid.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,6 +70,15 @@ impl std::fmt::Debug for StepKind {
 }
 
 impl StepKind {
+    /// The outputs a step of this kind has, for checking `steps.<id>.outputs.<name>`.
+    pub fn output_names(&self) -> Vec<String> {
+        match self {
+            StepKind::Action(a) => a.outputs().iter().map(|s| s.to_string()).collect(),
+            StepKind::Assert => Vec::new(),
+            StepKind::Call(child) => child.outputs.iter().map(|(k, _)| k.clone()).collect(),
+        }
+    }
+
     pub fn action_name(&self) -> &'static str {
         match self {
             StepKind::Action(a) => a.name(),
@@ -233,9 +242,10 @@ impl<'a> Loader<'a> {
         let mut names: BTreeSet<String> = params.iter().map(|p| p.name.clone()).collect();
         let vars = c.vars(&raw, &mut names, &secret_params);
         let none = BTreeSet::new();
+        let no_steps = BTreeMap::new();
         let scope_all = Scope {
             names: &names,
-            steps: &none,
+            steps: &no_steps,
             later_steps: &none,
         };
         for (i, root) in raw.roots.iter().enumerate() {
@@ -248,13 +258,11 @@ impl<'a> Loader<'a> {
             .map(|s| s.id.clone())
             .collect();
         let mut first_seen: HashMap<&str, Pos> = HashMap::new();
-        let mut earlier = BTreeSet::new();
+        // Step id -> the outputs it declares (None: not known, e.g. an invalid step).
+        // Rollback steps come after every main step, so they may read any of them.
+        let mut earlier: BTreeMap<String, Option<Vec<String>>> = BTreeMap::new();
         let mut steps = Vec::new();
         for (section, list) in [("steps", &raw.steps), ("rollback", &raw.rollback)] {
-            if section == "rollback" {
-                // Rollback steps may read any main step's outputs (those that ran).
-                earlier = raw.steps.iter().map(|s| s.id.clone()).collect();
-            }
             for (i, step) in list.iter().enumerate() {
                 let path = format!("{section}[{i}]");
                 let id_pos = src.value_pos(&format!("{path}.id"));
@@ -272,16 +280,22 @@ impl<'a> Loader<'a> {
                 } else {
                     first_seen.insert(&step.id, id_pos);
                 }
-                let later: BTreeSet<String> = all_ids.difference(&earlier).cloned().collect();
+                let later: BTreeSet<String> = all_ids
+                    .iter()
+                    .filter(|id| !earlier.contains_key(*id))
+                    .cloned()
+                    .collect();
                 let scope = Scope {
                     names: &names,
                     steps: &earlier,
                     later_steps: &later,
                 };
-                if let Some(s) = self.step(&mut c, step, &path, &scope) {
+                let checked = self.step(&mut c, step, &path, &scope);
+                let outputs = checked.as_ref().map(|s| s.kind.output_names());
+                if let Some(s) = checked {
                     steps.push((section, s));
                 }
-                earlier.insert(step.id.clone());
+                earlier.entry(step.id.clone()).or_insert(outputs);
             }
         }
         let scope_end = Scope {
@@ -607,6 +621,7 @@ impl Checker<'_> {
         secret_params: &BTreeSet<String>,
     ) -> Vec<Var> {
         let none = BTreeSet::new();
+        let no_steps = BTreeMap::new();
         let mut secret_names = secret_params.clone();
         let mut out = Vec::new();
         for (name, value) in &raw.vars {
@@ -645,7 +660,7 @@ impl Checker<'_> {
             };
             let scope = Scope {
                 names,
-                steps: &none,
+                steps: &no_steps,
                 later_steps: &none,
             };
             self.template(&template, &scope, &path, None);

@@ -9,7 +9,7 @@
 //! placeholders such as `<db.outputs.bytes>`, and every step whose values used one is
 //! reported as "unknown until db runs".
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
@@ -22,8 +22,9 @@ pub struct Templates {
 /// The names a template may use.
 pub struct Scope<'a> {
     pub names: &'a BTreeSet<String>,
-    /// Step ids whose outputs may be read (`steps.<id>`).
-    pub steps: &'a BTreeSet<String>,
+    /// Step ids whose outputs may be read (`steps.<id>`), with the outputs each
+    /// declares (None when not known).
+    pub steps: &'a BTreeMap<String, Option<Vec<String>>>,
     /// Ids that exist but run later (for a better message).
     pub later_steps: &'a BTreeSet<String>,
 }
@@ -87,7 +88,8 @@ impl Templates {
             let root = parts.next().unwrap_or_default();
             if root == "steps" {
                 let Some(id) = parts.next() else { continue };
-                if scope.steps.contains(id) {
+                if let Some(declared) = scope.steps.get(id) {
+                    check_step_field(id, parts.next(), parts.next(), declared.as_deref())?;
                     continue;
                 }
                 let message = if scope.later_steps.contains(id) {
@@ -96,7 +98,7 @@ impl Templates {
                     format!("undefined step `{id}` in `{name}`")
                 };
                 let hint =
-                    crate::diagnostic::did_you_mean(id, scope.steps.iter().map(String::as_str));
+                    crate::diagnostic::did_you_mean(id, scope.steps.keys().map(String::as_str));
                 return Err(TemplateIssue {
                     message,
                     hint,
@@ -154,6 +156,44 @@ impl Templates {
             .compile_expression(source)
             .map_err(|e| describe(&e))?;
         expr.eval(ctx).map_err(|e| describe(&e))
+    }
+}
+
+/// `steps.<id>.<field>.<output>`: field is `outputs` or `status`; the output must be
+/// one the step declares.
+fn check_step_field(
+    id: &str,
+    field: Option<&str>,
+    output: Option<&str>,
+    declared: Option<&[String]>,
+) -> Result<(), TemplateIssue> {
+    match (field, output, declared) {
+        (None | Some("status"), _, _) | (Some("outputs"), None, _) | (_, _, None) => Ok(()),
+        (Some("outputs"), Some(name), Some(declared)) => {
+            if declared.iter().any(|d| d == name) {
+                return Ok(());
+            }
+            let hint = crate::diagnostic::did_you_mean(name, declared.iter().map(String::as_str))
+                .or_else(|| {
+                    Some(if declared.is_empty() {
+                        format!("step `{id}` has no outputs")
+                    } else {
+                        format!("its outputs: {}", declared.join(", "))
+                    })
+                });
+            Err(TemplateIssue {
+                message: format!("step `{id}` has no output `{name}`"),
+                hint,
+                name: Some(name.to_string()),
+            })
+        }
+        (Some(other), _, _) => Err(TemplateIssue {
+            message: format!(
+                "`steps.{id}.{other}` does not exist; a step has `outputs` and `status`"
+            ),
+            hint: crate::diagnostic::did_you_mean(other, ["outputs", "status"]),
+            name: Some(other.to_string()),
+        }),
     }
 }
 

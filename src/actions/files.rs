@@ -92,6 +92,7 @@ pub struct Mkdir;
 impl Action for Mkdir {
     type Args = MkdirArgs;
     const NAME: &'static str = "mkdir";
+    const OUTPUTS: &'static [&'static str] = &["path", "created"];
     const SUMMARY: &'static str = "create a directory (and its parents); no change if it exists";
 
     fn effect(&self, _: &MkdirArgs) -> Effect {
@@ -355,6 +356,7 @@ fn copy_tree(src: &Path, dst: &Path, ctx: &ActionCtx) -> Result<(u64, u64), Acti
 impl Action for Copy {
     type Args = CopyArgs;
     const NAME: &'static str = "copy";
+    const OUTPUTS: &'static [&'static str] = &["path", "files", "bytes", "changed"];
     const SUMMARY: &'static str = "copy a file or tree atomically (temp sibling + fsync + rename), keeping modes, times, owners";
 
     fn effect(&self, _: &CopyArgs) -> Effect {
@@ -518,6 +520,7 @@ impl WriteFile {
 impl Action for WriteFile {
     type Args = WriteFileArgs;
     const NAME: &'static str = "write-file";
+    const OUTPUTS: &'static [&'static str] = &["path", "bytes", "sha256"];
     const SUMMARY: &'static str =
         "write a file from a template, atomically; no change if it already holds that content";
 
@@ -607,6 +610,7 @@ pub struct Remove;
 impl Action for Remove {
     type Args = RemoveArgs;
     const NAME: &'static str = "remove";
+    const OUTPUTS: &'static [&'static str] = &["path", "removed"];
     const SUMMARY: &'static str = "remove a file or tree, only below the runbook's declared roots";
 
     fn effect(&self, _: &RemoveArgs) -> Effect {

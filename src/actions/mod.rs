@@ -85,6 +85,8 @@ pub trait Action: Send + Sync + 'static {
     const NAME: &'static str;
     /// One line for the README and `--help`.
     const SUMMARY: &'static str;
+    /// The names of its outputs (`steps.<id>.outputs.<name>`).
+    const OUTPUTS: &'static [&'static str];
 
     fn effect(&self, args: &Self::Args) -> Effect;
 
@@ -121,6 +123,7 @@ pub struct ArgError {
 pub trait ActionKind: Send + Sync {
     fn name(&self) -> &'static str;
     fn summary(&self) -> &'static str;
+    fn outputs(&self) -> &'static [&'static str];
     fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema;
     /// Static shape check of the raw (unrendered) arguments.
     fn check_raw(&self, raw: &serde_yaml::Value) -> Result<(), ArgError>;
@@ -147,6 +150,9 @@ impl<A: Action> ActionKind for A {
     }
     fn summary(&self) -> &'static str {
         A::SUMMARY
+    }
+    fn outputs(&self) -> &'static [&'static str] {
+        A::OUTPUTS
     }
     fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema {
         generator.subschema_for::<A::Args>()

@@ -68,6 +68,7 @@ fn find_program(program: &str, world: &World) -> Option<PathBuf> {
 impl Action for Exec {
     type Args = ExecArgs;
     const NAME: &'static str = "exec";
+    const OUTPUTS: &'static [&'static str] = &["exit_code", "stdout", "stderr"];
     const SUMMARY: &'static str =
         "run a program from an argv list (no shell); stdout, stderr and exit code become outputs";
 

@@ -89,6 +89,15 @@ help: did you mean `backup_dir`?
    |                                   ^
 ",
     ),
+    (
+        "unknown-output",
+        "version: 1\nsteps:\n  - id: copy\n    action: copy\n    with: {from: a, to: b}\n  - id: note\n    action: exec\n    with: {argv: [echo, \"{{ steps.copy.outputs.byte }}\"]}\n",
+        "runbooks/unknown-output.yaml:8:48: error: step `copy` has no output `byte` (step `note`, field `steps[1].with.argv[1]`)
+ 8 |     with: {argv: [echo, \"{{ steps.copy.outputs.byte }}\"]}
+   |                                                ^
+help: did you mean `bytes`?
+",
+    ),
 ];
 
 #[test]
