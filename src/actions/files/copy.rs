@@ -1,0 +1,186 @@
+//! `copy`: a file or tree, atomically, keeping metadata.
+
+use std::fs::{self};
+use std::os::unix::fs::PermissionsExt;
+use std::path::PathBuf;
+
+use super::tree::{copy_file, copy_tree, same_copy, tree_size};
+use super::{fsync_parent, parent_is_dir, remove_any, show, sibling};
+use crate::actions::{
+    Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, check_destructive,
+};
+use crate::world::{Node, World};
+use schemars::JsonSchema;
+use serde::Deserialize;
+use serde_json::json;
+
+/// What to do when the destination exists and differs from the source.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Overwrite {
+    /// Fail (the default): nothing is overwritten by accident.
+    #[default]
+    Never,
+    /// Replace it atomically; the destination must be below a declared root.
+    Replace,
+}
+
+/// Copy a file or a directory tree, keeping modes, times, owners and symlinks.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CopyArgs {
+    /// Source file or directory.
+    pub from: PathBuf,
+    /// Destination path (the copy itself, not the directory to put it in). Its parent
+    /// must exist.
+    pub to: PathBuf,
+    /// `never` (default) or `replace`.
+    #[serde(default)]
+    pub overwrite: Overwrite,
+    /// Octal mode for the copied file (or the top directory of a tree).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+}
+
+pub struct Copy;
+
+impl Action for Copy {
+    type Args = CopyArgs;
+    const NAME: &'static str = "copy";
+    const OUTPUTS: &'static [&'static str] = &["path", "files", "bytes", "changed"];
+    const SUMMARY: &'static str = "copy a file or tree atomically (temp sibling + fsync + rename), keeping modes, times, owners";
+
+    fn effect(&self, _: &CopyArgs) -> Effect {
+        Effect::Idempotent
+    }
+
+    fn check_static(&self, args: &CopyArgs) -> Result<(), (String, String)> {
+        match &args.mode {
+            Some(m) => m.check_static().map_err(|e| ("mode".into(), e)),
+            None => Ok(()),
+        }
+    }
+
+    fn preflight(&self, args: &CopyArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
+        if let Some(Err(e)) = args.mode.as_ref().map(Mode::bits) {
+            return Verdict::WouldFail(e);
+        }
+        let what = match world.node(&args.from) {
+            Node::Missing => {
+                return Verdict::WouldFail(format!("source {} does not exist", show(&args.from)));
+            }
+            Node::Dir if world.is_predicted(&args.from) => "tree".to_string(),
+            Node::Dir => {
+                let (files, bytes) = tree_size(&args.from);
+                format!("tree ({files} files, {bytes} bytes)")
+            }
+            Node::File { len: Some(len) } => format!("file ({len} bytes)"),
+            _ => "file".to_string(),
+        };
+        if let Err(e) = parent_is_dir(&args.to, world) {
+            return Verdict::WouldFail(e);
+        }
+        let verdict = if world.node(&args.to) == Node::Missing {
+            Verdict::WillChange(format!(
+                "copy {what} {} to {}",
+                show(&args.from),
+                show(&args.to)
+            ))
+        } else if !world.is_predicted(&args.from)
+            && !world.is_predicted(&args.to)
+            && same_copy(&args.from, &args.to)
+        {
+            Verdict::NoChange(format!(
+                "{} already holds a copy of {}",
+                show(&args.to),
+                show(&args.from)
+            ))
+        } else if args.overwrite == Overwrite::Never {
+            Verdict::WouldFail(format!(
+                "{} exists and differs from {}; set `overwrite: replace` to replace it",
+                show(&args.to),
+                show(&args.from)
+            ))
+        } else if let Err(e) = check_destructive(&args.to, ctx) {
+            Verdict::WouldFail(e)
+        } else {
+            Verdict::WillChange(format!(
+                "replace {} with a copy of {what} {}",
+                show(&args.to),
+                show(&args.from)
+            ))
+        };
+        if !matches!(verdict, Verdict::WouldFail(_)) {
+            world.predict_copy(&args.from, &args.to);
+        }
+        verdict
+    }
+
+    fn execute(&self, args: &CopyArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        let meta = fs::symlink_metadata(&args.from)
+            .map_err(ActionError::io(format!("source {}", args.from.display())))?;
+        let mut out = Outputs::new();
+        out.insert("path".into(), json!(args.to));
+        let exists = fs::symlink_metadata(&args.to).is_ok();
+        if exists && same_copy(&args.from, &args.to) {
+            let (files, bytes) = if meta.is_dir() {
+                tree_size(&args.to)
+            } else {
+                (1, meta.len())
+            };
+            out.insert("files".into(), json!(files));
+            out.insert("bytes".into(), json!(bytes));
+            out.insert("changed".into(), json!(false));
+            return Ok(out);
+        }
+        if exists {
+            if args.overwrite == Overwrite::Never {
+                return Err(ActionError::Failed(format!(
+                    "{} exists and differs from {}; set `overwrite: replace` to replace it",
+                    args.to.display(),
+                    args.from.display()
+                )));
+            }
+            check_destructive(&args.to, ctx).map_err(ActionError::Failed)?;
+        }
+        let partial = sibling(&args.to, "partial");
+        // A partial copy left by an interrupted attempt is ours to discard.
+        remove_any(&partial).map_err(ActionError::io(format!("remove {}", partial.display())))?;
+        let (files, bytes) = if meta.is_dir() {
+            copy_tree(&args.from, &partial, ctx)?
+        } else if meta.file_type().is_symlink() {
+            let link = fs::read_link(&args.from).map_err(ActionError::io("readlink"))?;
+            std::os::unix::fs::symlink(link, &partial).map_err(ActionError::io("symlink"))?;
+            (1, 0)
+        } else {
+            (1, copy_file(&args.from, &partial, &meta)?)
+        };
+        if let Some(mode) = &args.mode {
+            let bits = mode.bits().map_err(ActionError::Failed)?;
+            fs::set_permissions(&partial, fs::Permissions::from_mode(bits))
+                .map_err(ActionError::io(format!("chmod {}", partial.display())))?;
+        }
+        if exists && meta.is_dir() {
+            // rename() cannot replace a non-empty directory: move the old one aside first.
+            let old = sibling(&args.to, "old");
+            remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
+            fs::rename(&args.to, &old)
+                .map_err(ActionError::io(format!("move aside {}", args.to.display())))?;
+            fs::rename(&partial, &args.to).map_err(ActionError::io(format!(
+                "rename into {}",
+                args.to.display()
+            )))?;
+            remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
+        } else {
+            fs::rename(&partial, &args.to).map_err(ActionError::io(format!(
+                "rename into {}",
+                args.to.display()
+            )))?;
+        }
+        fsync_parent(&args.to)?;
+        out.insert("files".into(), json!(files));
+        out.insert("bytes".into(), json!(bytes));
+        out.insert("changed".into(), json!(true));
+        Ok(out)
+    }
+}
