@@ -67,6 +67,16 @@ impl From<crate::executor::ExecError> for AppError {
     }
 }
 
+/// What kind of execution `App::execute` starts.
+struct Execution<'r> {
+    /// The journal of the run being resumed.
+    prior: Option<&'r RunRecord>,
+    retry_steps: BTreeSet<String>,
+    no_rollback: bool,
+    /// Only the rollback section (`runbook rollback`).
+    rollback_only: bool,
+}
+
 struct App<'a> {
     cli: &'a Cli,
     catalog: Catalog,
@@ -387,22 +397,19 @@ impl App<'_> {
                 .map(|s| (s.id.clone(), s.kind.action_name()))
                 .collect(),
         };
-        let mut sink = JournalSink {
-            journal: &journal,
-            run_id: run_id.clone(),
-        };
-        let mut reporter = self.reporter(&run_id);
-        let mut executor = Executor {
-            templates: &self.templates,
-            inputs: &inputs,
-            state_dir: self.state_dir.clone(),
-            sinks: vec![&mut sink, &mut reporter],
-            prior: None,
-            retry_steps: BTreeSet::new(),
-            no_rollback,
-            run_id: run_id.to_string(),
-        };
-        let outcome = executor.run(&run_id, &mut frame, Event::RunStarted(Box::new(header)))?;
+        let outcome = self.execute(
+            &journal,
+            run_id.as_ref(),
+            &inputs,
+            &mut frame,
+            Execution {
+                prior: None,
+                retry_steps: BTreeSet::new(),
+                no_rollback,
+                rollback_only: false,
+            },
+            Event::RunStarted(Box::new(header)),
+        )?;
         Ok(exit_for(outcome.status, outcome.stop.as_ref()))
     }
 
@@ -515,27 +522,24 @@ impl App<'_> {
         let rb = self.reload(&record, accept_changes)?;
         let (mut frame, inputs) = self.restore_frame(&record, &rb, inputs)?;
         let _locks = self.acquire(&rb, run_id)?;
-        let mut sink = JournalSink {
-            journal: &journal,
-            run_id: run_id.to_string(),
-        };
-        let mut reporter = self.reporter(run_id);
-        let mut executor = Executor {
-            templates: &self.templates,
-            inputs: &inputs,
-            state_dir: self.state_dir.clone(),
-            sinks: vec![&mut sink, &mut reporter],
-            prior: Some(&record),
-            retry_steps: retry.iter().cloned().collect(),
-            no_rollback,
-            run_id: run_id.to_string(),
-        };
         let start = Event::RunResumed {
             run_id: run_id.to_string(),
             runbook: rb.name.clone(),
             purpose: "resume",
         };
-        let outcome = executor.run(run_id, &mut frame, start)?;
+        let outcome = self.execute(
+            &journal,
+            run_id.as_ref(),
+            &inputs,
+            &mut frame,
+            Execution {
+                prior: Some(&record),
+                retry_steps: retry.iter().cloned().collect(),
+                no_rollback,
+                rollback_only: false,
+            },
+            start,
+        )?;
         Ok(exit_for(outcome.status, outcome.stop.as_ref()))
     }
 
@@ -577,30 +581,61 @@ impl App<'_> {
             }
         }
         let _locks = self.acquire(&rb, run_id)?;
-        let mut sink = JournalSink {
-            journal: &journal,
-            run_id: run_id.to_string(),
-        };
-        let mut reporter = self.reporter(run_id);
-        let mut executor = Executor {
-            templates: &self.templates,
-            inputs: &inputs,
-            state_dir: self.state_dir.clone(),
-            sinks: vec![&mut sink, &mut reporter],
-            prior: None,
-            retry_steps: BTreeSet::new(),
-            no_rollback: false,
-            run_id: run_id.to_string(),
-        };
         let start = Event::RunResumed {
             run_id: run_id.to_string(),
             runbook: rb.name.clone(),
             purpose: "rollback",
         };
-        let outcome = executor.rollback(run_id, &mut frame, start)?;
+        let outcome = self.execute(
+            &journal,
+            run_id.as_ref(),
+            &inputs,
+            &mut frame,
+            Execution {
+                prior: None,
+                retry_steps: BTreeSet::new(),
+                no_rollback: false,
+                rollback_only: true,
+            },
+            start,
+        )?;
         Ok(match outcome.status {
             RunStatus::RolledBack => Exit::Success,
             status => exit_for(status, outcome.stop.as_ref()),
+        })
+    }
+
+    /// Runs (or resumes, or rolls back) with the journal and the reporter as the
+    /// executor's event consumers.
+    fn execute(
+        &self,
+        journal: &Journal,
+        run_id: &str,
+        inputs: &ParamInputs,
+        frame: &mut Frame,
+        how: Execution<'_>,
+        start: Event,
+    ) -> Result<crate::executor::Outcome, AppError> {
+        let mut sink = JournalSink {
+            journal,
+            run_id: run_id.to_string(),
+        };
+        let mut reporter = self.reporter(run_id);
+        let mut executor = Executor {
+            templates: &self.templates,
+            inputs,
+            state_dir: self.state_dir.clone(),
+            sinks: vec![&mut sink, &mut reporter],
+            prior: how.prior,
+            retry_steps: how.retry_steps,
+            no_rollback: how.no_rollback,
+            run_id: run_id.to_string(),
+            progress: !self.json() && !self.cli.quiet,
+        };
+        Ok(if how.rollback_only {
+            executor.rollback(run_id, frame, start)?
+        } else {
+            executor.run(run_id, frame, start)?
         })
     }
 

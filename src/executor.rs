@@ -55,6 +55,8 @@ pub struct Executor<'a> {
     pub no_rollback: bool,
     /// For messages that tell the operator what to run next.
     pub run_id: String,
+    /// Actions may draw progress bars on the terminal.
+    pub progress: bool,
 }
 
 type StepResult = Result<(), Stop>;
@@ -285,6 +287,7 @@ impl Executor<'_> {
                     roots: frame.roots.clone(),
                     state_dir: self.state_dir.clone(),
                     deadline: None,
+                    progress: self.progress,
                 };
                 if interrupted && !self.retry_steps.contains(key) && step.idempotent != Some(true) {
                     let decision = if step.idempotent == Some(false) {

@@ -214,6 +214,7 @@ impl Planner<'_> {
                     roots: frame.roots.clone(),
                     state_dir: self.state_dir.clone(),
                     deadline: None,
+                    progress: false,
                 };
                 match action.preflight(&args, world, &ctx) {
                     Verdict::WillChange(d) => PlanVerdict::WillChange(d),

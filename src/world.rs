@@ -29,6 +29,9 @@ enum Predicted {
     Absent,
     /// Will hold a copy of this (real or predicted) path.
     CopyOf(PathBuf),
+    /// Will hold what is on disk at this path now (a move of a real path, whose source
+    /// is predicted absent afterwards).
+    RealCopyOf(PathBuf),
 }
 
 #[derive(Debug, Default)]
@@ -78,6 +81,10 @@ impl World {
                         let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
                         return self.node(&src.join(rest));
                     }
+                    Some(Predicted::RealCopyOf(src)) => {
+                        let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
+                        return real_node(&normalize(&src.join(rest)));
+                    }
                 }
             }
         }
@@ -114,6 +121,22 @@ impl World {
     pub fn predict_copy(&mut self, from: &Path, to: &Path) {
         let (from, to) = (normalize(from), normalize(to));
         self.predict_replaced(&to, Predicted::CopyOf(from));
+    }
+
+    /// `to` takes what `from` holds; `from` is gone.
+    pub fn predict_move(&mut self, from: &Path, to: &Path) {
+        let (from, to) = (normalize(from), normalize(to));
+        if self.is_predicted(&from) {
+            // Its content is itself a prediction: keep only its kind.
+            match self.node(&from) {
+                Node::Dir => self.predict_dir(&to),
+                Node::File { len } => self.predict_file(&to, len),
+                _ => self.predict_absent(&to),
+            }
+        } else {
+            self.predict_replaced(&to, Predicted::RealCopyOf(from.clone()));
+        }
+        self.predict_absent(&from);
     }
 
     pub fn predict_absent(&mut self, path: &Path) {
@@ -184,9 +207,12 @@ mod tests {
             w.node(&base.join("new/sub/copy")),
             Node::File { len: Some(5) }
         );
+        w.predict_move(&base.join("src"), &base.join("moved"));
+        assert_eq!(w.node(&base.join("moved")), Node::File { len: Some(5) });
+        assert_eq!(w.node(&base.join("src")), Node::Missing);
         w.predict_absent(&base.join("new"));
         assert_eq!(w.node(&base.join("new/sub/copy")), Node::Missing);
-        assert_eq!(w.node(&base.join("src")), Node::File { len: Some(5) });
+        assert!(base.join("src").exists(), "predictions touched the disk");
         // The real world ignores predictions.
         let mut real = World::real();
         real.predict_dir(&base.join("x"));

@@ -77,6 +77,8 @@ pub struct ActionCtx {
     pub state_dir: PathBuf,
     /// The step's `timeout`, as a deadline.
     pub deadline: Option<Instant>,
+    /// Long actions may show progress on the terminal (stderr).
+    pub progress: bool,
 }
 
 pub trait Action: Send + Sync + 'static {
@@ -200,6 +202,10 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::Copy,
         &files::WriteFile,
         &files::Remove,
+        &files::Move,
+        &files::Chown,
+        &files::Chmod,
+        &files::PathCheck,
         &process::Exec,
     ]
 }

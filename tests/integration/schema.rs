@@ -30,6 +30,10 @@ fn schema_file_matches_the_code() {
             "copy",
             "write-file",
             "remove",
+            "move",
+            "chown",
+            "chmod",
+            "path-check",
             "exec",
             "assert",
             "runbook"

@@ -4,8 +4,9 @@ use std::fs::{self};
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use super::tree::{copy_file, copy_tree, same_copy, tree_size};
-use super::{fsync_parent, parent_is_dir, remove_any, show, sibling};
+use super::owner::Owner;
+use super::tree::{CopyOptions, copy_file, copy_tree, same_copy, tree_size};
+use super::{fsync_parent, mode_of, parent_is_dir, remove_any, show, sibling};
 use crate::actions::{
     Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, check_destructive,
 };
@@ -40,6 +41,13 @@ pub struct CopyArgs {
     /// Octal mode for the copied file (or the top directory of a tree).
     #[serde(default)]
     pub mode: Option<Mode>,
+    /// Owner for every copied entry (`uid:gid` or names), like `cp -a` then `chown -R`.
+    #[serde(default)]
+    pub owner: Option<String>,
+    /// With `overwrite: replace`: move the replaced destination here instead of deleting
+    /// it (a safety copy; must not exist yet).
+    #[serde(default)]
+    pub keep_replaced: Option<PathBuf>,
 }
 
 pub struct Copy;
@@ -55,6 +63,15 @@ impl Action for Copy {
     }
 
     fn check_static(&self, args: &CopyArgs) -> Result<(), (String, String)> {
+        if let Some(o) = args.owner.as_deref().filter(|o| !o.contains("{{")) {
+            Owner::parse(o).map_err(|e| ("owner".into(), e))?;
+        }
+        if args.keep_replaced.is_some() && args.overwrite == Overwrite::Never {
+            return Err((
+                "keep_replaced".into(),
+                "`keep_replaced` needs `overwrite: replace`".into(),
+            ));
+        }
         match &args.mode {
             Some(m) => m.check_static().map_err(|e| ("mode".into(), e)),
             None => Ok(()),
@@ -119,10 +136,16 @@ impl Action for Copy {
     fn execute(&self, args: &CopyArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
         let meta = fs::symlink_metadata(&args.from)
             .map_err(ActionError::io(format!("source {}", args.from.display())))?;
+        let owner = args
+            .owner
+            .as_deref()
+            .map(Owner::parse)
+            .transpose()
+            .map_err(ActionError::Failed)?;
         let mut out = Outputs::new();
         out.insert("path".into(), json!(args.to));
         let exists = fs::symlink_metadata(&args.to).is_ok();
-        if exists && same_copy(&args.from, &args.to) {
+        if exists && is_done(args, owner.as_ref()) {
             let (files, bytes) = if meta.is_dir() {
                 tree_size(&args.to)
             } else {
@@ -142,40 +165,75 @@ impl Action for Copy {
                 )));
             }
             check_destructive(&args.to, ctx).map_err(ActionError::Failed)?;
+            if let Some(keep) = &args.keep_replaced
+                && fs::symlink_metadata(keep).is_ok()
+            {
+                return Err(ActionError::Failed(format!(
+                    "`keep_replaced` {} already exists; refusing to overwrite a safety copy",
+                    keep.display()
+                )));
+            }
         }
         let partial = sibling(&args.to, "partial");
         // A partial copy left by an interrupted attempt is ours to discard.
         remove_any(&partial).map_err(ActionError::io(format!("remove {}", partial.display())))?;
+        let mut opts = CopyOptions {
+            owner,
+            progress: None,
+        };
         let (files, bytes) = if meta.is_dir() {
-            copy_tree(&args.from, &partial, ctx)?
+            if ctx.progress {
+                let (_, total) = tree_size(&args.from);
+                opts.progress = progress_bar(total, &args.to);
+            }
+            let copied = copy_tree(&args.from, &partial, ctx, &opts)?;
+            if let Some(bar) = &opts.progress {
+                bar.finish_and_clear();
+            }
+            copied
         } else if meta.file_type().is_symlink() {
             let link = fs::read_link(&args.from).map_err(ActionError::io("readlink"))?;
             std::os::unix::fs::symlink(link, &partial).map_err(ActionError::io("symlink"))?;
             (1, 0)
         } else {
-            (1, copy_file(&args.from, &partial, &meta)?)
+            (1, copy_file(&args.from, &partial, &meta, &opts)?)
         };
         if let Some(mode) = &args.mode {
             let bits = mode.bits().map_err(ActionError::Failed)?;
             fs::set_permissions(&partial, fs::Permissions::from_mode(bits))
                 .map_err(ActionError::io(format!("chmod {}", partial.display())))?;
         }
-        if exists && meta.is_dir() {
-            // rename() cannot replace a non-empty directory: move the old one aside first.
-            let old = sibling(&args.to, "old");
-            remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
-            fs::rename(&args.to, &old)
-                .map_err(ActionError::io(format!("move aside {}", args.to.display())))?;
+        let rename_in = || {
             fs::rename(&partial, &args.to).map_err(ActionError::io(format!(
                 "rename into {}",
                 args.to.display()
-            )))?;
-            remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
-        } else {
-            fs::rename(&partial, &args.to).map_err(ActionError::io(format!(
-                "rename into {}",
-                args.to.display()
-            )))?;
+            )))
+        };
+        match (exists, &args.keep_replaced) {
+            (false, _) => rename_in()?,
+            (true, Some(keep)) if !meta.is_dir() => {
+                // A hard link keeps the old file while rename swaps the new one in atomically.
+                fs::hard_link(&args.to, keep)
+                    .map_err(ActionError::io(format!("keep {}", keep.display())))?;
+                rename_in()?;
+                fsync_parent(keep)?;
+            }
+            (true, Some(keep)) => {
+                fs::rename(&args.to, keep)
+                    .map_err(ActionError::io(format!("move aside to {}", keep.display())))?;
+                rename_in()?;
+                fsync_parent(keep)?;
+            }
+            (true, None) if !meta.is_dir() => rename_in()?,
+            (true, None) => {
+                // rename() cannot replace a non-empty directory: move the old one aside first.
+                let old = sibling(&args.to, "old");
+                remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
+                fs::rename(&args.to, &old)
+                    .map_err(ActionError::io(format!("move aside {}", args.to.display())))?;
+                rename_in()?;
+                remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
+            }
         }
         fsync_parent(&args.to)?;
         out.insert("files".into(), json!(files));
@@ -183,4 +241,43 @@ impl Action for Copy {
         out.insert("changed".into(), json!(true));
         Ok(out)
     }
+}
+
+/// The destination already is what this step makes: the same copy, with the owner
+/// and mode asked for.
+fn is_done(args: &CopyArgs, owner: Option<&Owner>) -> bool {
+    if !same_copy(&args.from, &args.to) {
+        return false;
+    }
+    let owner_ok = owner.is_none_or(|o| {
+        walkdir::WalkDir::new(&args.to)
+            .into_iter()
+            .flatten()
+            .all(|e| e.metadata().is_ok_and(|m| o.matches(&m)))
+    });
+    let mode_ok = args
+        .mode
+        .as_ref()
+        .is_none_or(|m| m.bits().ok() == mode_of(&args.to));
+    owner_ok && mode_ok
+}
+
+/// A progress bar on stderr for copies large enough to wait for; indicatif draws
+/// nothing when stderr is not a terminal.
+fn progress_bar(total: u64, to: &std::path::Path) -> Option<indicatif::ProgressBar> {
+    const WORTH_SHOWING: u64 = 64 << 20;
+    if total < WORTH_SHOWING {
+        return None;
+    }
+    let bar = indicatif::ProgressBar::with_draw_target(
+        Some(total),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg} {wide_bar} {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style);
+    }
+    bar.set_message(format!("copy to {}", to.display()));
+    Some(bar)
 }

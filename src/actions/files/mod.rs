@@ -13,12 +13,18 @@ use crate::world::{Node, World};
 
 mod copy;
 mod mkdir;
+mod moving;
+mod owner;
+mod path_check;
 mod remove;
 mod tree;
 mod write_file;
 
 pub use copy::{Copy, CopyArgs, Overwrite};
 pub use mkdir::{Mkdir, MkdirArgs};
+pub use moving::{Move, MoveArgs};
+pub use owner::{Chmod, ChmodArgs, Chown, ChownArgs, Owner};
+pub use path_check::{PathCheck, PathCheckArgs};
 pub use remove::{Remove, RemoveArgs};
 pub use write_file::{WriteFile, WriteFileArgs};
 

@@ -1,11 +1,13 @@
 //! Copying files and trees with their metadata, and comparing a copy with its source.
 
+use std::collections::HashMap;
 use std::fs::{self, File, FileTimes};
 use std::io::Read;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use super::fsync_dir;
+use super::owner::Owner;
 use crate::actions::{ActionCtx, ActionError};
 
 /// Counts files and bytes below `path` (read-only).
@@ -101,8 +103,34 @@ pub(crate) fn copy_times_and_owner(meta: &fs::Metadata, dst: &Path) -> Result<()
     Ok(())
 }
 
-/// Copies one file (the kernel's copy_file_range through std::fs::copy), then fsyncs it.
-pub(crate) fn copy_file(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<u64, ActionError> {
+/// How a copy treats metadata, and where it reports progress.
+#[derive(Default)]
+pub(crate) struct CopyOptions {
+    /// Give every copied entry this owner instead of the source's.
+    pub owner: Option<Owner>,
+    /// Advanced by the bytes of each copied file.
+    pub progress: Option<indicatif::ProgressBar>,
+}
+
+/// Copies extended attributes where the filesystems have them (a missing or
+/// unsupported xattr is not an error: `cp -a` does the same).
+fn copy_xattrs(src: &Path, dst: &Path) {
+    let Ok(names) = xattr::list(src) else { return };
+    for name in names {
+        if let Ok(Some(value)) = xattr::get(src, &name) {
+            let _ = xattr::set(dst, &name, &value);
+        }
+    }
+}
+
+/// Copies one file's bytes (std::fs::copy uses copy_file_range, which reflinks where
+/// the filesystem can) and metadata. The caller decides when to sync.
+fn copy_file_data(
+    src: &Path,
+    dst: &Path,
+    meta: &fs::Metadata,
+    opts: &CopyOptions,
+) -> Result<u64, ActionError> {
     let bytes = fs::copy(src, dst).map_err(ActionError::io(format!(
         "copy {} to {}",
         src.display(),
@@ -110,22 +138,46 @@ pub(crate) fn copy_file(src: &Path, dst: &Path, meta: &fs::Metadata) -> Result<u
     )))?;
     fs::set_permissions(dst, meta.permissions())
         .map_err(ActionError::io(format!("chmod {}", dst.display())))?;
+    copy_xattrs(src, dst);
     copy_times_and_owner(meta, dst)?;
+    if let Some(owner) = &opts.owner {
+        owner.apply(dst)?;
+    }
+    if let Some(bar) = &opts.progress {
+        bar.inc(bytes);
+    }
+    Ok(bytes)
+}
+
+/// Copies one file and fsyncs it.
+pub(crate) fn copy_file(
+    src: &Path,
+    dst: &Path,
+    meta: &fs::Metadata,
+    opts: &CopyOptions,
+) -> Result<u64, ActionError> {
+    let bytes = copy_file_data(src, dst, meta, opts)?;
     File::open(dst)
         .and_then(|f| f.sync_all())
         .map_err(ActionError::io(format!("fsync {}", dst.display())))?;
     Ok(bytes)
 }
 
-/// Copies a tree into `dst` (which must not exist); returns (files, bytes).
+/// Copies a tree into `dst` (which must not exist), like `cp -a`: modes, times, owners,
+/// xattrs, symlinks as symlinks, hard links as hard links. Returns (files, bytes).
+/// Durability: one syncfs of the destination filesystem at the end instead of an fsync
+/// per file (same guarantee once it returns, far fewer flushes).
 pub(crate) fn copy_tree(
     src: &Path,
     dst: &Path,
     ctx: &ActionCtx,
+    opts: &CopyOptions,
 ) -> Result<(u64, u64), ActionError> {
     let mut files = 0;
     let mut bytes = 0;
     let mut dirs = Vec::new();
+    // (device, inode) of a multiply-linked file -> its first copy.
+    let mut linked: HashMap<(u64, u64), PathBuf> = HashMap::new();
     for entry in walkdir::WalkDir::new(src) {
         let entry =
             entry.map_err(|e| ActionError::Failed(format!("walk {}: {e}", src.display())))?;
@@ -144,6 +196,7 @@ pub(crate) fn copy_tree(
         if ft.is_dir() {
             fs::create_dir(&target)
                 .map_err(ActionError::io(format!("mkdir {}", target.display())))?;
+            copy_xattrs(entry.path(), &target);
             dirs.push((target, meta));
         } else if ft.is_symlink() {
             let link = fs::read_link(entry.path()).map_err(ActionError::io(format!(
@@ -153,8 +206,20 @@ pub(crate) fn copy_tree(
             std::os::unix::fs::symlink(&link, &target)
                 .map_err(ActionError::io(format!("symlink {}", target.display())))?;
             copy_times_and_owner(&meta, &target)?;
+            if let Some(owner) = &opts.owner {
+                owner.apply(&target)?;
+            }
         } else if ft.is_file() {
-            bytes += copy_file(entry.path(), &target, &meta)?;
+            let key = (meta.dev(), meta.ino());
+            if meta.nlink() > 1 {
+                if let Some(first) = linked.get(&key) {
+                    fs::hard_link(first, &target)
+                        .map_err(ActionError::io(format!("link {}", target.display())))?;
+                    continue;
+                }
+                linked.insert(key, target.clone());
+            }
+            bytes += copy_file_data(entry.path(), &target, &meta, opts)?;
             files += 1;
         } else {
             return Err(ActionError::Failed(format!(
@@ -168,7 +233,22 @@ pub(crate) fn copy_tree(
         fs::set_permissions(dir, meta.permissions())
             .map_err(ActionError::io(format!("chmod {}", dir.display())))?;
         copy_times_and_owner(meta, dir)?;
-        fsync_dir(dir)?;
+        if let Some(owner) = &opts.owner {
+            owner.apply(dir)?;
+        }
     }
+    syncfs(dst)?;
     Ok((files, bytes))
+}
+
+/// Flushes the filesystem holding `path`.
+pub(crate) fn syncfs(path: &Path) -> Result<(), ActionError> {
+    let dir = File::open(path).map_err(ActionError::io(format!("open {}", path.display())))?;
+    // SAFETY: a valid open descriptor; syncfs only flushes.
+    if unsafe { libc::syncfs(dir.as_raw_fd()) } != 0 {
+        return Err(ActionError::io(format!("syncfs {}", path.display()))(
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
 }
