@@ -365,13 +365,18 @@ fn sigkill_at_any_point_loses_nothing() {
     sb.write("runbooks/many.yaml", &text);
     let mut seen = std::collections::HashSet::new();
     let mut interrupted_mid_run = 0;
-    for (round, delay_ms) in [0u64, 3, 6, 9, 12, 15, 18, 21, 25, 30, 35, 40, 50, 60]
-        .iter()
-        .enumerate()
-    {
+    // Kill points: at once (before or while the run is recorded), then right after the
+    // k-th step's side effect, which races with the journal recording its success.
+    let points: Vec<Option<usize>> = std::iter::once(None).chain((1..12).map(Some)).collect();
+    for (round, point) in points.into_iter().enumerate() {
         let tag = format!("r{round}");
+        let log = sb.p(&format!("log-{tag}"));
         let mut child = sb.spawn(&["run", "many", "--set", &format!("tag={tag}")]);
-        std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
+        if let Some(k) = point {
+            sb.wait_for("the k-th step", || {
+                std::fs::read_to_string(&log).is_ok_and(|t| t.lines().count() >= k)
+            });
+        }
         child.kill().unwrap();
         child.wait().unwrap();
         let new_run = runs_json(&sb)
@@ -415,7 +420,7 @@ fn sigkill_at_any_point_loses_nothing() {
         }
     }
     assert!(
-        interrupted_mid_run >= 2,
+        interrupted_mid_run >= 8,
         "only {interrupted_mid_run} rounds were killed between steps"
     );
 }
