@@ -29,6 +29,9 @@ enum Predicted {
     Absent,
     /// Will hold a copy of this (real or predicted) path.
     CopyOf(PathBuf),
+    /// Exists as on disk, but its owner or mode will change: its metadata on disk no
+    /// longer tells what it will be.
+    Attrs,
     /// Will hold what is on disk at this path now (a move of a real path, whose source
     /// is predicted absent afterwards).
     RealCopyOf(PathBuf),
@@ -66,7 +69,7 @@ impl World {
         if let Some(overlay) = &self.overlay {
             for ancestor in path.ancestors() {
                 match overlay.get(ancestor) {
-                    None => continue,
+                    None | Some(Predicted::Attrs) => continue,
                     Some(Predicted::Absent) => return Node::Missing,
                     Some(Predicted::File { len }) => {
                         return if ancestor == path {
@@ -105,7 +108,9 @@ impl World {
             .map(Path::to_path_buf)
             .collect();
         if let Some(overlay) = &mut self.overlay {
-            for ancestor in missing {
+            // Outermost first, so that clearing stale predictions below one directory
+            // does not drop the entry just made for the one above it.
+            for ancestor in missing.into_iter().rev() {
                 overlay.retain(|p, _| !p.starts_with(&ancestor));
                 overlay.insert(ancestor, Predicted::Dir);
             }
@@ -121,6 +126,14 @@ impl World {
     pub fn predict_copy(&mut self, from: &Path, to: &Path) {
         let (from, to) = (normalize(from), normalize(to));
         self.predict_replaced(&to, Predicted::CopyOf(from));
+    }
+
+    /// The owner or mode of `path` (and, if `recursive`, below it) will change.
+    pub fn predict_attrs(&mut self, path: &Path) {
+        let path = normalize(path);
+        if let Some(overlay) = &mut self.overlay {
+            overlay.entry(path).or_insert(Predicted::Attrs);
+        }
     }
 
     /// `to` takes what `from` holds; `from` is gone.

@@ -4,5 +4,6 @@ mod support;
 
 mod dry_run;
 mod errors;
+mod files;
 mod journal;
 mod schema;

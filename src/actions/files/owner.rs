@@ -161,6 +161,7 @@ impl Action for Chown {
                 if differ == 0 {
                     Verdict::NoChange(format!("{} is owned by {owner}", show(&args.path)))
                 } else {
+                    world.predict_attrs(&args.path);
                     Verdict::WillChange(format!(
                         "chown {owner} {} ({differ} of {} entries differ; now {now})",
                         show(&args.path),
@@ -269,12 +270,15 @@ impl Action for Chmod {
                 Ok(todo) if todo.is_empty() => {
                     Verdict::NoChange(format!("{} has mode {bits:04o}", show(&args.path)))
                 }
-                Ok(todo) => Verdict::WillChange(format!(
-                    "chmod {bits:04o} {} ({} entries; now {:04o})",
-                    show(&args.path),
-                    todo.len(),
-                    todo[0].1
-                )),
+                Ok(todo) => {
+                    world.predict_attrs(&args.path);
+                    Verdict::WillChange(format!(
+                        "chmod {bits:04o} {} ({} entries; now {:04o})",
+                        show(&args.path),
+                        todo.len(),
+                        todo[0].1
+                    ))
+                }
             },
         }
     }
