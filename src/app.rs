@@ -75,6 +75,8 @@ struct Execution<'r> {
     no_rollback: bool,
     /// Only the rollback section (`runbook rollback`).
     rollback_only: bool,
+    /// `--yes`.
+    assume_yes: bool,
 }
 
 struct App<'a> {
@@ -292,9 +294,11 @@ impl App<'_> {
         inputs: &Inputs,
     ) -> Result<(crate::plan::Plan, Frame, ParamInputs), AppError> {
         let rb = self.load(name)?;
+        let assume_yes = inputs.yes;
         let inputs = self.inputs(inputs)?;
         let frame = Frame::new(rb.clone(), &inputs, None, &self.templates)?;
         let planner = Planner {
+            assume_yes,
             templates: &self.templates,
             inputs: &inputs,
             state_dir: self.state_dir.clone(),
@@ -345,7 +349,7 @@ impl App<'_> {
         out
     }
 
-    fn acquire(&self, rb: &Runbook, run_id: &str) -> Result<Vec<crate::lock::RunLock>, AppError> {
+    fn acquire(&self, rb: &Runbook, run_id: &str) -> Result<Vec<crate::lock::HeldLock>, AppError> {
         Self::locks(rb)
             .iter()
             .map(|name| {
@@ -365,6 +369,7 @@ impl App<'_> {
     }
 
     fn run(&self, name: &str, inputs: &Inputs, no_rollback: bool) -> Result<Exit, AppError> {
+        let assume_yes = inputs.yes;
         let (plan, mut frame, inputs) = self.prepare(name, inputs)?;
         if let Some((step, why)) = plan.first_failure() {
             if !self.json() {
@@ -407,6 +412,7 @@ impl App<'_> {
                 retry_steps: BTreeSet::new(),
                 no_rollback,
                 rollback_only: false,
+                assume_yes,
             },
             Event::RunStarted(Box::new(header)),
         )?;
@@ -499,6 +505,7 @@ impl App<'_> {
         accept_changes: bool,
         no_rollback: bool,
     ) -> Result<Exit, AppError> {
+        let assume_yes = inputs.yes;
         let journal = Journal::open(&self.state_dir)?;
         let record = journal.run(run_id)?;
         match RunStatus::parse(&record.summary.status) {
@@ -537,6 +544,7 @@ impl App<'_> {
                 retry_steps: retry.iter().cloned().collect(),
                 no_rollback,
                 rollback_only: false,
+                assume_yes,
             },
             start,
         )?;
@@ -549,6 +557,7 @@ impl App<'_> {
         inputs: &Inputs,
         accept_changes: bool,
     ) -> Result<Exit, AppError> {
+        let assume_yes = inputs.yes;
         let journal = Journal::open(&self.state_dir)?;
         let record = journal.run(run_id)?;
         if RunStatus::parse(&record.summary.status) == Some(RunStatus::Running) {
@@ -596,6 +605,7 @@ impl App<'_> {
                 retry_steps: BTreeSet::new(),
                 no_rollback: false,
                 rollback_only: true,
+                assume_yes,
             },
             start,
         )?;
@@ -631,6 +641,7 @@ impl App<'_> {
             no_rollback: how.no_rollback,
             run_id: run_id.to_string(),
             progress: !self.json() && !self.cli.quiet,
+            assume_yes: how.assume_yes,
         };
         Ok(if how.rollback_only {
             executor.rollback(run_id, frame, start)?

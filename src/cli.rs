@@ -60,6 +60,9 @@ pub struct Inputs {
     /// Set one param (repeatable); wins over --vars.
     #[arg(long = "set", value_name = "NAME=VALUE")]
     pub set: Vec<String>,
+    /// Answer every `confirm` step yes (for CI and scripts).
+    #[arg(long)]
+    pub yes: bool,
 }
 
 #[derive(Debug, Subcommand)]

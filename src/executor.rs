@@ -57,6 +57,35 @@ pub struct Executor<'a> {
     pub run_id: String,
     /// Actions may draw progress bars on the terminal.
     pub progress: bool,
+    /// `--yes`: every `confirm` step is answered yes.
+    pub assume_yes: bool,
+}
+
+/// The operator's answer to a `confirm` step: `--yes`, or asked on the terminal. This
+/// is the one place the executor talks to the terminal itself: a question cannot wait
+/// for a renderer.
+fn confirm(message: &str, assume_yes: bool) -> Result<&'static str, String> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if assume_yes {
+        return Ok("yes (--yes)");
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(format!(
+            "`{message}` needs an answer and there is no terminal to ask on; pass --yes to answer yes"
+        ));
+    }
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "{message} [y/N] ");
+    let _ = err.flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    match line.trim() {
+        "y" | "Y" | "yes" | "YES" | "Yes" => Ok("yes"),
+        _ => Err(format!("`{message}`: the operator said no")),
+    }
 }
 
 type StepResult = Result<(), Stop>;
@@ -281,7 +310,39 @@ impl Executor<'_> {
             Err(e) => return self.fail_now(frame, key, section, action, Json::Null, e),
         };
         let shown_args = frame.redactor.json(&args);
+        // Held until this function returns: for every attempt of the step.
+        let _step_lock = match &step.lock {
+            None => None,
+            Some(lock) => {
+                let taken = frame.render(&lock.path, self.templates).and_then(|path| {
+                    let holder = format!("{} {} {key}", self.run_id, std::process::id());
+                    crate::lock::acquire_file(std::path::Path::new(&path), &holder, lock.timeout)
+                        .map_err(|e| e.to_string())
+                });
+                match taken {
+                    Ok(held) => Some(held),
+                    Err(e) => return self.fail_now(frame, key, section, action, shown_args, e),
+                }
+            }
+        };
         match &step.kind {
+            StepKind::Confirm => {
+                let started = Instant::now();
+                self.emit(Event::StepStarted {
+                    key: key.to_string(),
+                    section,
+                    action,
+                    attempt: 1,
+                    args: shown_args,
+                })?;
+                let message = args["message"].as_str().unwrap_or_default().to_string();
+                let result = confirm(&message, self.assume_yes).map(|answer| {
+                    let mut out = Outputs::new();
+                    out.insert("answer".into(), Json::String(answer.into()));
+                    out
+                });
+                self.finish(frame, step, key, section, started, result)
+            }
             StepKind::Action(kind) => {
                 let ctx = ActionCtx {
                     roots: frame.roots.clone(),

@@ -55,11 +55,20 @@ pub struct Step {
     pub retry_delay: Duration,
     pub timeout: Option<Duration>,
     pub idempotent: Option<bool>,
+    pub lock: Option<StepLock>,
+}
+
+#[derive(Debug)]
+pub struct StepLock {
+    /// A template.
+    pub path: String,
+    pub timeout: Duration,
 }
 
 pub enum StepKind {
     Action(&'static dyn ActionKind),
     Assert,
+    Confirm,
     Call(Arc<Runbook>),
 }
 
@@ -75,6 +84,7 @@ impl StepKind {
         match self {
             StepKind::Action(a) => a.outputs().iter().map(|s| s.to_string()).collect(),
             StepKind::Assert => Vec::new(),
+            StepKind::Confirm => vec!["answer".to_string()],
             StepKind::Call(child) => child.outputs.iter().map(|(k, _)| k.clone()).collect(),
         }
     }
@@ -83,6 +93,7 @@ impl StepKind {
         match self {
             StepKind::Action(a) => a.name(),
             StepKind::Assert => "assert",
+            StepKind::Confirm => "confirm",
             StepKind::Call(_) => "runbook",
         }
     }
@@ -97,6 +108,19 @@ pub struct AssertArgs {
     /// Said when it does not hold (a template).
     #[serde(default)]
     pub message: Option<String>,
+}
+
+/// Actions the planner and executor implement themselves (they read the template
+/// context, ask the operator, or call the engine).
+pub const CONTROL_ACTIONS: [&str; 3] = ["assert", "confirm", "runbook"];
+
+/// `confirm`: an operator gate. Answered by `--yes`; otherwise asked on the terminal,
+/// and it fails when there is no terminal.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ConfirmArgs {
+    /// The question (a template), e.g. "About to overwrite the live database. Continue?"
+    pub message: String,
 }
 
 /// `runbook`: run another runbook as part of this one.
@@ -377,6 +401,17 @@ impl<'a> Loader<'a> {
                 }
                 Some(StepKind::Assert)
             }
+            "confirm" => {
+                if let Some(args) = c.typed_args::<ConfirmArgs>(&step.args, &with_path, id) {
+                    c.template(
+                        &args.message,
+                        scope,
+                        &format!("{with_path}.message"),
+                        Some(id),
+                    );
+                }
+                Some(StepKind::Confirm)
+            }
             "runbook" => self.call(c, step, &with_path, scope),
             other => match actions::find(other) {
                 Some(action) => {
@@ -390,7 +425,7 @@ impl<'a> Loader<'a> {
                     let names: Vec<&str> = actions::registry()
                         .iter()
                         .map(|a| a.name())
-                        .chain(["assert", "runbook"])
+                        .chain(CONTROL_ACTIONS)
                         .collect();
                     let hint = did_you_mean(other, names.iter().copied())
                         .or_else(|| Some(format!("known actions: {}", names.join(", "))));
@@ -450,10 +485,31 @@ impl<'a> Loader<'a> {
                     None
                 }
             });
+        let lock = step.lock.as_ref().map(|l| {
+            c.template(&l.path, scope, &format!("{path}.lock.path"), Some(id));
+            let timeout = l
+                .timeout
+                .as_deref()
+                .map_or(Ok(Duration::from_secs(30)), parse_duration);
+            StepLock {
+                path: l.path.clone(),
+                timeout: timeout.unwrap_or_else(|e| {
+                    c.error(
+                        c.src.value_pos(&format!("{path}.lock.timeout")),
+                        Some(id),
+                        &format!("{path}.lock.timeout"),
+                        e,
+                        None,
+                    );
+                    Duration::ZERO
+                }),
+            }
+        });
         if c.errors.len() > errors_before {
             return None;
         }
         Some(Step {
+            lock,
             id: id.to_string(),
             kind: kind?,
             description: step.description.clone(),

@@ -1,27 +1,34 @@
-//! Run locks: one file per lock name under `<state dir>/locks`, held with flock for
-//! the whole run. The kernel drops a flock when its process dies, so a lock left by a
-//! killed run is no lock at all; the file's text only says who holds it.
+//! File locks held with flock: the run lock (one file per lock name under
+//! `<state dir>/locks`, for the whole run) and step locks (any file, for one step).
+//! The kernel drops a flock when its process dies, so a lock left by a killed run is
+//! no lock at all; the file's text only says who holds it.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LockError {
     #[error("lock `{name}` is held by {holder}; wait for it to finish (`runbook runs` shows it)")]
     Held { name: String, holder: String },
-    #[error("lock `{name}`: {source}")]
+    #[error("lock {} is held by {holder} (waited {})", path.display(), humantime::format_duration(Duration::from_millis(waited.as_millis() as u64)))]
+    TimedOut {
+        path: PathBuf,
+        holder: String,
+        waited: Duration,
+    },
+    #[error("lock {}: {source}", path.display())]
     Io {
-        name: String,
+        path: PathBuf,
         source: std::io::Error,
     },
 }
 
 /// A held lock; released on drop (or by the kernel when the process dies).
 #[derive(Debug)]
-pub struct RunLock {
+pub struct HeldLock {
     _file: File,
-    pub name: String,
 }
 
 fn lock_path(state_dir: &Path, name: &str) -> PathBuf {
@@ -38,43 +45,68 @@ fn lock_path(state_dir: &Path, name: &str) -> PathBuf {
     state_dir.join("locks").join(format!("{safe}.lock"))
 }
 
-pub fn acquire(state_dir: &Path, name: &str, run_id: &str) -> Result<RunLock, LockError> {
-    let io = |source| LockError::Io {
-        name: name.to_string(),
-        source,
-    };
-    let path = lock_path(state_dir, name);
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
-    }
+/// Tries once; on success writes `holder` into the file. Err(Some(text)) when held.
+fn try_take(path: &Path, holder: &str) -> Result<Result<HeldLock, String>, std::io::Error> {
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
-        .open(&path)
-        .map_err(io)?;
+        .open(path)?;
     match file.try_lock() {
         Ok(()) => {}
         Err(std::fs::TryLockError::WouldBlock) => {
             let mut text = String::new();
             let _ = file.read_to_string(&mut text);
-            let holder = describe_holder(&text);
-            return Err(LockError::Held {
-                name: name.to_string(),
-                holder,
-            });
+            return Ok(Err(describe_holder(&text)));
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(e),
     }
-    file.set_len(0).map_err(io)?;
-    file.rewind().map_err(io)?;
-    writeln!(file, "{run_id} {}", std::process::id()).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    Ok(RunLock {
-        _file: file,
-        name: name.to_string(),
-    })
+    file.set_len(0)?;
+    file.rewind()?;
+    writeln!(file, "{holder}")?;
+    file.sync_all()?;
+    Ok(Ok(HeldLock { _file: file }))
+}
+
+/// The run lock `name`; refused at once when held.
+pub fn acquire(state_dir: &Path, name: &str, run_id: &str) -> Result<HeldLock, LockError> {
+    let path = lock_path(state_dir, name);
+    let io = |source| LockError::Io {
+        path: path.clone(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    match try_take(&path, &format!("{run_id} {}", std::process::id())).map_err(io)? {
+        Ok(held) => Ok(held),
+        Err(holder) => Err(LockError::Held {
+            name: name.to_string(),
+            holder,
+        }),
+    }
+}
+
+/// A step lock on any file, waiting up to `timeout` for its holder.
+pub fn acquire_file(path: &Path, holder: &str, timeout: Duration) -> Result<HeldLock, LockError> {
+    let started = Instant::now();
+    loop {
+        match try_take(path, holder).map_err(|source| LockError::Io {
+            path: path.to_path_buf(),
+            source,
+        })? {
+            Ok(held) => return Ok(held),
+            Err(holder) if started.elapsed() >= timeout => {
+                return Err(LockError::TimedOut {
+                    path: path.to_path_buf(),
+                    holder,
+                    waited: started.elapsed(),
+                });
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
 }
 
 fn describe_holder(text: &str) -> String {
@@ -93,28 +125,28 @@ pub fn held_by(state_dir: &Path, name: &str, run_id: &str) -> bool {
     };
     let mut text = String::new();
     let _ = file.read_to_string(&mut text);
-    if text.split_whitespace().next() != Some(run_id) {
-        return false;
-    }
+    text.split_whitespace().next() == Some(run_id) && is_locked(&file)
+}
+
+/// Who holds the run lock `name` now, if anyone (read-only, for plans).
+pub fn holder(state_dir: &Path, name: &str) -> Option<String> {
+    holder_at(&lock_path(state_dir, name))
+}
+
+/// Who holds the lock file at `path` now, if anyone (read-only: never creates it).
+pub fn holder_at(path: &Path) -> Option<String> {
+    let mut file = File::open(path).ok()?;
+    let mut text = String::new();
+    let _ = file.read_to_string(&mut text);
+    is_locked(&file).then(|| describe_holder(&text))
+}
+
+fn is_locked(file: &File) -> bool {
     match file.try_lock_shared() {
         Ok(()) => {
             let _ = file.unlock();
             false
         }
         Err(_) => true,
-    }
-}
-
-/// Who holds lock `name` now, if anyone (for plans).
-pub fn holder(state_dir: &Path, name: &str) -> Option<String> {
-    let mut file = File::open(lock_path(state_dir, name)).ok()?;
-    let mut text = String::new();
-    let _ = file.read_to_string(&mut text);
-    match file.try_lock_shared() {
-        Ok(()) => {
-            let _ = file.unlock();
-            None
-        }
-        Err(_) => Some(describe_holder(&text)),
     }
 }

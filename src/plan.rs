@@ -133,6 +133,8 @@ pub struct Planner<'a> {
     pub templates: &'a Templates,
     pub inputs: &'a ParamInputs,
     pub state_dir: PathBuf,
+    /// `--yes`: confirm steps will be answered.
+    pub assume_yes: bool,
 }
 
 impl Planner<'_> {
@@ -223,6 +225,18 @@ impl Planner<'_> {
                 }
             }),
             StepKind::Assert => self.plan_assert(step, frame),
+            StepKind::Confirm => {
+                let message = args["message"].as_str().unwrap_or_default();
+                if self.assume_yes {
+                    PlanVerdict::NoChange(format!("asks `{message}`: answered yes by --yes"))
+                } else if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+                    PlanVerdict::NoChange(format!("asks `{message}` on the terminal"))
+                } else {
+                    PlanVerdict::WouldFail(format!(
+                        "asks `{message}` and there is no terminal to answer on; pass --yes"
+                    ))
+                }
+            }
             StepKind::Call(child) => {
                 if let Some(u) = unknown {
                     u
@@ -232,6 +246,15 @@ impl Planner<'_> {
                     verdict
                 }
             }
+        };
+        let verdict = match (&step.lock, verdict) {
+            (Some(lock), PlanVerdict::WillChange(d) | PlanVerdict::NoChange(d))
+                if lock_busy(frame, lock, self.templates).is_some() =>
+            {
+                let note = lock_busy(frame, lock, self.templates).unwrap_or_default();
+                PlanVerdict::WillChange(format!("{d} ({note})"))
+            }
+            (_, v) => v,
         };
         planned.verdict = match verdict {
             PlanVerdict::WouldFail(d) => PlanVerdict::WouldFail(frame.redactor.text(&d)),
@@ -275,6 +298,16 @@ impl Planner<'_> {
         let verdict = summarize(child, &steps);
         (verdict, steps)
     }
+}
+
+/// "lock X is held now by ..." when a step's lock is taken at this moment (read-only).
+fn lock_busy(frame: &Frame, lock: &crate::load::StepLock, templates: &Templates) -> Option<String> {
+    let path = frame.render(&lock.path, templates).ok()?;
+    let holder = crate::lock::holder_at(std::path::Path::new(&path))?;
+    Some(format!(
+        "lock {path} is held now by {holder}; the step will wait up to {}",
+        humantime::format_duration(lock.timeout)
+    ))
 }
 
 /// A call's verdict from its children's.

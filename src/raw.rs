@@ -112,6 +112,23 @@ pub struct RawStep {
     /// again when it was interrupted. Overrides the action's own effect class.
     #[serde(default)]
     pub idempotent: Option<bool>,
+    /// Hold an advisory file lock (flock) while the step runs — e.g. the ingestion lock
+    /// held during a vector-store copy. To hold one lock over several steps, put them in
+    /// a runbook and call it with a `lock`.
+    #[serde(default)]
+    pub lock: Option<RawStepLock>,
+}
+
+/// A file lock held for the duration of one step.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "StepLock")]
+pub struct RawStepLock {
+    /// The lock file (a template); created if missing, its directory must exist.
+    pub path: String,
+    /// How long to wait for a holder to let go (default `30s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
 }
 
 /// An expression string, or a literal boolean.

@@ -27,6 +27,13 @@ pub fn runbook_schema() -> Value {
         generator.subschema_for::<AssertArgs>().to_value(),
     ));
     action_args.push((
+        "confirm",
+        "ask the operator to go on (answered by --yes)",
+        generator
+            .subschema_for::<crate::load::ConfirmArgs>()
+            .to_value(),
+    ));
+    action_args.push((
         "runbook",
         "run another runbook as a step",
         generator.subschema_for::<CallArgs>().to_value(),

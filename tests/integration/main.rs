@@ -5,5 +5,6 @@ mod support;
 mod dry_run;
 mod errors;
 mod files;
+mod gates;
 mod journal;
 mod schema;

@@ -36,6 +36,7 @@ fn schema_file_matches_the_code() {
             "path-check",
             "exec",
             "assert",
+            "confirm",
             "runbook"
         ]
     );
