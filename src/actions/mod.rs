@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod process;
+pub mod snapshots;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -207,6 +208,7 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::Chmod,
         &files::PathCheck,
         &process::Exec,
+        &snapshots::Retention,
     ]
 }
 

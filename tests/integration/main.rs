@@ -7,4 +7,5 @@ mod errors;
 mod files;
 mod gates;
 mod journal;
+mod retention;
 mod schema;

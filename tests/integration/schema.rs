@@ -35,6 +35,7 @@ fn schema_file_matches_the_code() {
             "chmod",
             "path-check",
             "exec",
+            "retention",
             "assert",
             "confirm",
             "runbook"
