@@ -4,6 +4,7 @@
 //! `assert` and `runbook` are not here: they read the template context or call the
 //! engine itself, so the planner and executor handle them (see `control.rs`).
 
+pub mod daemon;
 pub mod files;
 pub mod process;
 pub mod snapshots;
@@ -209,6 +210,8 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::PathCheck,
         &process::Exec,
         &snapshots::Retention,
+        &daemon::DaemonStart,
+        &daemon::DaemonStop,
     ]
 }
 

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod daemon;
 mod dry_run;
 mod errors;
 mod files;

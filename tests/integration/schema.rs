@@ -36,6 +36,8 @@ fn schema_file_matches_the_code() {
             "path-check",
             "exec",
             "retention",
+            "daemon-start",
+            "daemon-stop",
             "assert",
             "confirm",
             "runbook"
