@@ -582,10 +582,7 @@ impl App<'_> {
             if step.status == "succeeded" {
                 frame.steps.insert(
                     step.key.clone(),
-                    StepState::Done {
-                        status: "succeeded",
-                        outputs: step.outputs.clone(),
-                    },
+                    StepState::done("succeeded", step.outputs.clone()),
                 );
             }
         }

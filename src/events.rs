@@ -141,6 +141,9 @@ pub enum Event {
         status: RunStatus,
         #[serde(skip_serializing_if = "Option::is_none")]
         error: Option<String>,
+        /// The runbook's declared outputs (secrets masked), when it succeeded.
+        #[serde(skip_serializing_if = "Outputs::is_empty")]
+        outputs: Outputs,
         #[serde(with = "secs")]
         duration: Duration,
     },

@@ -143,6 +143,7 @@ impl Executor<'_> {
             run_id: run_id.to_string(),
             status,
             error: error.map(|e| frame.redactor.text(&e)),
+            outputs: frame.redactor_outputs(&outputs),
             duration: started.elapsed(),
         })?;
         Ok(Outcome {
@@ -178,6 +179,7 @@ impl Executor<'_> {
             run_id: run_id.to_string(),
             status,
             error,
+            outputs: Outputs::new(),
             duration: started.elapsed(),
         })?;
         Ok(Outcome {
@@ -236,22 +238,15 @@ impl Executor<'_> {
                 Some(("succeeded", outputs)) => {
                     frame.steps.insert(
                         step.id.clone(),
-                        StepState::Done {
-                            status: "succeeded",
-                            outputs: outputs.clone(),
-                        },
+                        StepState::done("succeeded", outputs.clone()),
                     );
                     self.emit(Event::StepAlreadyDone { key, section })?;
                     continue;
                 }
                 Some(("skipped", _)) => {
-                    frame.steps.insert(
-                        step.id.clone(),
-                        StepState::Done {
-                            status: "skipped",
-                            outputs: Outputs::new(),
-                        },
-                    );
+                    frame
+                        .steps
+                        .insert(step.id.clone(), StepState::done("skipped", Outputs::new()));
                     self.emit(Event::StepAlreadyDone { key, section })?;
                     continue;
                 }
@@ -259,8 +254,21 @@ impl Executor<'_> {
             }
             let interrupted = matches!(prior.as_ref().map(|(s, _)| s.as_str()), Some("started"));
             let result = self.run_step(frame, step, &key, section, interrupted)?;
-            if let Err(stop) = result {
-                return Ok(Err(stop));
+            match result {
+                Ok(()) => {}
+                // A check that may fail: later steps read its status and error.
+                Err(Stop::Failed { error, .. }) if step.continue_on_failure => {
+                    frame.steps.insert(
+                        step.id.clone(),
+                        StepState::Done {
+                            status: "failed",
+                            outputs: Outputs::new(),
+                            duration: 0.0,
+                            error: Some(error),
+                        },
+                    );
+                }
+                Err(stop) => return Ok(Err(stop)),
             }
         }
         Ok(Ok(()))
@@ -278,13 +286,9 @@ impl Executor<'_> {
         if let Some(when) = &step.when {
             match frame.eval(when, self.templates) {
                 Ok(false) => {
-                    frame.steps.insert(
-                        step.id.clone(),
-                        StepState::Done {
-                            status: "skipped",
-                            outputs: Outputs::new(),
-                        },
-                    );
+                    frame
+                        .steps
+                        .insert(step.id.clone(), StepState::done("skipped", Outputs::new()));
                     self.emit(Event::StepSkipped {
                         key: key.to_string(),
                         section,
@@ -360,13 +364,9 @@ impl Executor<'_> {
                         Reconcile::Rerun => {}
                         Reconcile::AlreadyDone(outputs) => {
                             let shown = frame.redactor_outputs(&outputs);
-                            frame.steps.insert(
-                                step.id.clone(),
-                                StepState::Done {
-                                    status: "succeeded",
-                                    outputs,
-                                },
-                            );
+                            frame
+                                .steps
+                                .insert(step.id.clone(), StepState::done("succeeded", outputs));
                             self.emit(Event::StepSucceeded {
                                 key: key.to_string(),
                                 section,
@@ -411,10 +411,7 @@ impl Executor<'_> {
                             let shown = frame.redactor_outputs(&outputs);
                             frame.steps.insert(
                                 step.id.clone(),
-                                StepState::Done {
-                                    status: "succeeded",
-                                    outputs,
-                                },
+                                StepState::done("succeeded", outputs).timed(started.elapsed()),
                             );
                             self.emit(Event::StepSucceeded {
                                 key: key.to_string(),
@@ -529,10 +526,7 @@ impl Executor<'_> {
                 let shown = frame.redactor_outputs(&outputs);
                 frame.steps.insert(
                     step.id.clone(),
-                    StepState::Done {
-                        status: "succeeded",
-                        outputs,
-                    },
+                    StepState::done("succeeded", outputs).timed(started.elapsed()),
                 );
                 self.emit(Event::StepSucceeded {
                     key: key.to_string(),

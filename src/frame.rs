@@ -23,6 +23,10 @@ pub enum StepState {
     Done {
         status: &'static str,
         outputs: Outputs,
+        /// Seconds the step took (0 when it was done before a resume).
+        duration: f64,
+        /// Why it failed, for a step that may fail (`on_failure: continue`).
+        error: Option<String>,
     },
     /// Dry-run: the step has not run, its outputs are placeholders.
     Pending,
@@ -45,6 +49,34 @@ pub enum FrameError {
     Params(#[from] crate::params::ParamError),
     #[error("{0}")]
     Render(String),
+}
+
+impl StepState {
+    pub fn done(status: &'static str, outputs: Outputs) -> Self {
+        StepState::Done {
+            status,
+            outputs,
+            duration: 0.0,
+            error: None,
+        }
+    }
+
+    pub fn timed(self, took: std::time::Duration) -> Self {
+        match self {
+            StepState::Done {
+                status,
+                outputs,
+                error,
+                ..
+            } => StepState::Done {
+                status,
+                outputs,
+                duration: took.as_secs_f64(),
+                error,
+            },
+            pending => pending,
+        }
+    }
 }
 
 impl Frame {
@@ -156,10 +188,17 @@ impl Frame {
         let mut steps: BTreeMap<String, Value> = BTreeMap::new();
         for (id, state) in &self.steps {
             let v = match state {
-                StepState::Done { status, outputs } => {
+                StepState::Done {
+                    status,
+                    outputs,
+                    duration,
+                    error,
+                } => {
                     let mut m: BTreeMap<&str, Value> = BTreeMap::new();
                     m.insert("status", Value::from(*status));
                     m.insert("outputs", Value::from(Serde(outputs)));
+                    m.insert("duration", Value::from(*duration));
+                    m.insert("error", Value::from(error.clone().unwrap_or_default()));
                     Value::from(m)
                 }
                 StepState::Pending => {
@@ -205,10 +244,10 @@ impl Frame {
     pub fn outputs(&self, templates: &Templates) -> Result<Outputs, String> {
         let mut out = Outputs::new();
         for (k, tmpl) in &self.runbook.outputs {
-            let v = self
-                .render(tmpl, templates)
+            let v = templates
+                .render_value(tmpl, &self.context())
                 .map_err(|e| format!("output `{k}`: {e}"))?;
-            out.insert(k.clone(), Json::String(v));
+            out.insert(k.clone(), v);
         }
         Ok(out)
     }
@@ -217,13 +256,13 @@ impl Frame {
 fn render_yaml(v: &Yaml, ctx: &Value, templates: &Templates, path: &str) -> Result<Json, String> {
     Ok(match v {
         Yaml::Null => Json::Object(Default::default()),
-        Yaml::String(s) => Json::String(templates.render(s, ctx).map_err(|e| {
+        Yaml::String(s) => templates.render_value(s, ctx).map_err(|e| {
             if path.is_empty() {
                 e
             } else {
                 format!("`{path}`: {e}")
             }
-        })?),
+        })?,
         Yaml::Sequence(items) => Json::Array(
             items
                 .iter()

@@ -56,6 +56,7 @@ pub struct Step {
     pub timeout: Option<Duration>,
     pub idempotent: Option<bool>,
     pub lock: Option<StepLock>,
+    pub continue_on_failure: bool,
 }
 
 #[derive(Debug)]
@@ -510,6 +511,7 @@ impl<'a> Loader<'a> {
         }
         Some(Step {
             lock,
+            continue_on_failure: step.on_failure == crate::raw::OnFailure::Continue,
             id: id.to_string(),
             kind: kind?,
             description: step.description.clone(),

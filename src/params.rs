@@ -120,6 +120,24 @@ impl ParamSpec {
                 (_, Some(Ok(n))) => Json::from(n),
                 _ => return Err(format!("param `{}` is an int, not {value}", self.name)),
             },
+            ParamType::List => match value {
+                Json::Array(items) if items.iter().all(Json::is_string) => value.clone(),
+                Json::String(s) => match serde_json::from_str::<Vec<String>>(s) {
+                    Ok(items) => Json::from(items),
+                    Err(_) => {
+                        return Err(format!(
+                            "param `{}` is a list: give a JSON array of strings like [\"a\", \"b\"]",
+                            self.name
+                        ));
+                    }
+                },
+                _ => {
+                    return Err(format!(
+                        "param `{}` is a list of strings, not {value}",
+                        self.name
+                    ));
+                }
+            },
             ParamType::String | ParamType::Path => match value {
                 Json::String(_) => value.clone(),
                 Json::Number(n) => Json::String(n.to_string()),
@@ -163,6 +181,7 @@ pub fn kind_name(kind: ParamType) -> &'static str {
         ParamType::Int => "int",
         ParamType::String => "string",
         ParamType::Path => "path",
+        ParamType::List => "list",
     }
 }
 

@@ -52,6 +52,8 @@ pub enum ParamType {
     Int,
     String,
     Path,
+    /// A list of strings (in a vars file a YAML list; with --set a JSON array).
+    List,
 }
 
 /// A typed input.
@@ -59,7 +61,7 @@ pub enum ParamType {
 #[serde(deny_unknown_fields)]
 #[schemars(rename = "Param")]
 pub struct RawParam {
-    /// `bool`, `int`, `string` or `path`.
+    /// `bool`, `int`, `string`, `path` or `list` (of strings).
     #[serde(rename = "type")]
     pub kind: ParamType,
     /// Value used when none is given.
@@ -117,6 +119,21 @@ pub struct RawStep {
     /// a runbook and call it with a `lock`.
     #[serde(default)]
     pub lock: Option<RawStepLock>,
+    /// `stop` (default): a failure stops the run (and runs the rollback section).
+    /// `continue`: the failure is recorded and the run goes on; later steps can read
+    /// `steps.<id>.status` and `steps.<id>.error` (for checks that report, say, every
+    /// problem of a snapshot rather than the first).
+    #[serde(default)]
+    pub on_failure: OnFailure,
+}
+
+/// What a failed step does to the run.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum OnFailure {
+    #[default]
+    Stop,
+    Continue,
 }
 
 /// A file lock held for the duration of one step.

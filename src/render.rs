@@ -96,15 +96,25 @@ impl EventSink for Reporter {
                 run_id,
                 status,
                 error,
+                outputs,
                 duration,
-            } => Some(match error {
-                Some(e) => format!(
-                    "run {run_id} {} after {}: {e}",
-                    status.as_str(),
-                    secs(*duration)
-                ),
-                None => format!("run {run_id} {} in {}", status.as_str(), secs(*duration)),
-            }),
+            } => {
+                let mut text = match error {
+                    Some(e) => format!(
+                        "run {run_id} {} after {}: {e}",
+                        status.as_str(),
+                        secs(*duration)
+                    ),
+                    None => format!("run {run_id} {} in {}", status.as_str(), secs(*duration)),
+                };
+                for (name, value) in outputs {
+                    let shown = value
+                        .as_str()
+                        .map_or_else(|| value.to_string(), str::to_string);
+                    text.push_str(&format!("\n  output {name} = {shown}"));
+                }
+                Some(text)
+            }
         };
         if let Some(line) = line {
             let _ = writeln!(out, "{line}");

@@ -150,6 +150,27 @@ impl Templates {
         self.env.render_str(source, ctx).map_err(|e| describe(&e))
     }
 
+    /// Renders a template to JSON. A template that is one `{{ expression }}` whose value
+    /// is a list or a map gives that list or map (so `argv: "{{ service_argv }}"` is an
+    /// argv); everything else renders to a string.
+    pub fn render_value(&self, source: &str, ctx: &Value) -> Result<serde_json::Value, String> {
+        let trimmed = source.trim();
+        let whole = trimmed
+            .strip_prefix("{{")
+            .and_then(|s| s.strip_suffix("}}"))
+            .filter(|inner| !inner.contains("{{") && !inner.contains("}}"));
+        if let Some(inner) = whole {
+            let value = self.eval(inner, ctx)?;
+            if matches!(
+                value.kind(),
+                minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Map
+            ) {
+                return serde_json::to_value(&value).map_err(|e| e.to_string());
+            }
+        }
+        self.render(source, ctx).map(serde_json::Value::String)
+    }
+
     pub fn eval(&self, source: &str, ctx: &Value) -> Result<Value, String> {
         let expr = self
             .env
@@ -168,7 +189,9 @@ fn check_step_field(
     declared: Option<&[String]>,
 ) -> Result<(), TemplateIssue> {
     match (field, output, declared) {
-        (None | Some("status"), _, _) | (Some("outputs"), None, _) | (_, _, None) => Ok(()),
+        (None | Some("status" | "error" | "duration"), _, _)
+        | (Some("outputs"), None, _)
+        | (_, _, None) => Ok(()),
         (Some("outputs"), Some(name), Some(declared)) => {
             if declared.iter().any(|d| d == name) {
                 return Ok(());
@@ -189,9 +212,12 @@ fn check_step_field(
         }
         (Some(other), _, _) => Err(TemplateIssue {
             message: format!(
-                "`steps.{id}.{other}` does not exist; a step has `outputs` and `status`"
+                "`steps.{id}.{other}` does not exist; a step has `outputs`, `status`, `error` and `duration`"
             ),
-            hint: crate::diagnostic::did_you_mean(other, ["outputs", "status"]),
+            hint: crate::diagnostic::did_you_mean(
+                other,
+                ["outputs", "status", "error", "duration"],
+            ),
             name: Some(other.to_string()),
         }),
     }

@@ -166,13 +166,7 @@ impl<A: Action> ActionKind for A {
             serde_yaml::Value::Null => serde_yaml::Value::Mapping(Default::default()),
             other => other.clone(),
         };
-        let args: A::Args = serde_path_to_error::deserialize(raw).map_err(|e| ArgError {
-            path: match e.path().to_string().as_str() {
-                "." => String::new(),
-                p => p.to_string(),
-            },
-            message: e.inner().to_string(),
-        })?;
+        let args: A::Args = deserialize_lenient(raw)?;
         self.check_static(&args)
             .map_err(|(path, message)| ArgError { path, message })
     }
@@ -195,6 +189,62 @@ impl<A: Action> ActionKind for A {
             Err(_) => Reconcile::Rerun,
         }
     }
+}
+
+/// Deserializes raw arguments, letting a whole-value template (`"{{ argv_param }}"`)
+/// stand where a list or map is expected: what it renders to is checked at run time.
+fn deserialize_lenient<T: DeserializeOwned>(mut raw: serde_yaml::Value) -> Result<T, ArgError> {
+    for _ in 0..16 {
+        let err = match serde_path_to_error::deserialize::<_, T>(raw.clone()) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let path = match err.path().to_string().as_str() {
+            "." => String::new(),
+            p => p.to_string(),
+        };
+        let message = err.inner().to_string();
+        let Some(slot) =
+            value_at(&mut raw, &path).filter(|v| v.as_str().is_some_and(is_whole_template))
+        else {
+            return Err(ArgError { path, message });
+        };
+        // A list holding the template itself, so checks of its items skip it as a template.
+        *slot = if message.contains("expected a sequence") {
+            serde_yaml::Value::Sequence(vec![slot.clone()])
+        } else if message.contains("expected a map") {
+            serde_yaml::Value::Mapping(Default::default())
+        } else {
+            return Err(ArgError { path, message });
+        };
+    }
+    Err(ArgError {
+        path: String::new(),
+        message: "too many templated values".into(),
+    })
+}
+
+fn is_whole_template(s: &str) -> bool {
+    let t = s.trim();
+    t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1
+}
+
+/// The value at a serde_path_to_error path (`argv`, `env.KEY`, `items[2]`).
+fn value_at<'v>(root: &'v mut serde_yaml::Value, path: &str) -> Option<&'v mut serde_yaml::Value> {
+    let mut cur = root;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, indexes) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            cur = cur.get_mut(key)?;
+        }
+        for idx in indexes.split('[').filter(|s| !s.is_empty()) {
+            cur = cur.get_mut(idx.trim_end_matches(']').parse::<usize>().ok()?)?;
+        }
+    }
+    Some(cur)
 }
 
 /// Every effectful action. One line each.

@@ -467,3 +467,49 @@ steps:
         "{show:?}"
     );
 }
+
+#[test]
+fn failures_that_may_continue_list_params_and_native_outputs() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/report.yaml",
+        r#"version: 1
+params:
+  checks: {type: list, default: ["true", "false"]}
+  tool_argv: {type: list, default: ["echo", "from", "a list"]}
+steps:
+  - id: first
+    action: exec
+    on_failure: continue
+    with: {argv: ["{{ checks[0] }}"]}
+  - id: second
+    action: exec
+    on_failure: continue
+    with: {argv: ["{{ checks[1] }}"]}
+  - id: tool
+    action: exec
+    with: {argv: "{{ tool_argv }}"}
+outputs:
+  failed: "{{ ['first', 'second'] | select('in', ['second'] if steps.second.status == 'failed' else []) | list }}"
+  errors: "{{ [steps.first.error, steps.second.error] | select | list }}"
+  said: "{{ steps.tool.outputs.stdout }}"
+"#,
+    );
+    let r = sb.run(&["run", "report", "--format", "json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let last: serde_json::Value = serde_json::from_str(r.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last["status"], "succeeded");
+    assert_eq!(last["outputs"]["failed"], serde_json::json!(["second"]));
+    assert_eq!(
+        last["outputs"]["errors"],
+        serde_json::json!(["false failed with exit code 1"])
+    );
+    assert_eq!(last["outputs"]["said"], "from a list");
+    let text = sb.run(&["run", "report", "--set", r#"tool_argv=["echo", "x"]"#]);
+    assert!(
+        text.stdout
+            .contains("  FAILED   second: false failed with exit code 1\n"),
+        "{text:?}"
+    );
+    assert!(text.stdout.ends_with("\n  output failed = [\"second\"]\n  output errors = [\"false failed with exit code 1\"]\n  output said = x\n"), "{text:?}");
+}
