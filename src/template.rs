@@ -57,6 +57,13 @@ fn now_utc(format: Option<String>) -> Result<String, minijinja::Error> {
     Ok(out)
 }
 
+/// This host's name (for metadata such as a backup's source host).
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".to_string())
+}
+
 impl Templates {
     pub fn new() -> Self {
         let mut env = Environment::new();
@@ -69,6 +76,8 @@ impl Templates {
             env.set_syntax(syntax);
         }
         env.add_function("now_utc", now_utc);
+        env.add_function("hostname", hostname);
+        env.add_global("runbook_version", env!("CARGO_PKG_VERSION"));
         Templates { env }
     }
 

@@ -259,6 +259,7 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::Chmod,
         &files::PathCheck,
         &process::Exec,
+        &snapshots::SnapshotList,
         &snapshots::Retention,
         &daemon::DaemonStart,
         &daemon::DaemonStop,

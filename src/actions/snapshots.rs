@@ -50,6 +50,84 @@ fn six() -> usize {
 
 pub struct Retention;
 
+/// List the stamped snapshots, newest first, with their metadata files.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotListArgs {
+    /// The directory holding one subdirectory per snapshot.
+    pub dir: PathBuf,
+    /// A JSON file inside each snapshot to read as its metadata.
+    #[serde(default = "metadata_name")]
+    pub metadata: String,
+}
+
+fn metadata_name() -> String {
+    "backup-metadata.json".to_string()
+}
+
+pub struct SnapshotList;
+
+fn snapshot_listing(args: &SnapshotListArgs) -> Result<Outputs, String> {
+    let mut names: Vec<String> = list(&args.dir)?
+        .into_iter()
+        .filter(|n| parse_stamp(n).is_some())
+        .collect();
+    names.sort_by(|a, b| b.cmp(a));
+    let backups: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| {
+            let path = args.dir.join(n);
+            let metadata = std::fs::read_to_string(path.join(&args.metadata))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            json!({"stamp": n, "path": path, "metadata": metadata})
+        })
+        .collect();
+    let mut out = Outputs::new();
+    out.insert("backup_dir".into(), json!(args.dir));
+    out.insert("latest".into(), json!(names.first()));
+    out.insert("count".into(), json!(names.len()));
+    out.insert("backups".into(), json!(backups));
+    Ok(out)
+}
+
+impl Action for SnapshotList {
+    type Args = SnapshotListArgs;
+    const NAME: &'static str = "snapshot-list";
+    const SUMMARY: &'static str =
+        "list stamped snapshots newest first, with their metadata; `latest` is the newest stamp";
+    const OUTPUTS: &'static [&'static str] = &["backup_dir", "latest", "count", "backups"];
+
+    fn effect(&self, _: &SnapshotListArgs) -> Effect {
+        Effect::ReadOnly
+    }
+
+    fn preflight(&self, args: &SnapshotListArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+        if world.is_predicted(&args.dir) {
+            return Verdict::NoChange(format!(
+                "will list `{}` after the steps before this one",
+                args.dir.display()
+            ));
+        }
+        match world.node(&args.dir) {
+            Node::Dir => match snapshot_listing(args) {
+                Ok(out) => Verdict::NoChange(format!(
+                    "{} snapshots in `{}`; latest {}",
+                    out["count"],
+                    args.dir.display(),
+                    out["latest"].as_str().unwrap_or("none")
+                )),
+                Err(e) => Verdict::WouldFail(e),
+            },
+            _ => Verdict::WouldFail(format!("`{}` is not a directory", args.dir.display())),
+        }
+    }
+
+    fn execute(&self, args: &SnapshotListArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
+        snapshot_listing(args).map_err(ActionError::Failed)
+    }
+}
+
 /// A snapshot the policy keeps, with every rule that keeps it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Kept {

@@ -35,6 +35,7 @@ fn schema_file_matches_the_code() {
             "chmod",
             "path-check",
             "exec",
+            "snapshot-list",
             "retention",
             "daemon-start",
             "daemon-stop",

@@ -48,6 +48,10 @@ pub struct CopyArgs {
     /// it (a safety copy; must not exist yet).
     #[serde(default)]
     pub keep_replaced: Option<PathBuf>,
+    /// A missing source is no change instead of a failure (the procedure's "registry,
+    /// if the file exists"); the output `copied` says which happened.
+    #[serde(default)]
+    pub if_exists: bool,
 }
 
 pub struct Copy;
@@ -55,7 +59,7 @@ pub struct Copy;
 impl Action for Copy {
     type Args = CopyArgs;
     const NAME: &'static str = "copy";
-    const OUTPUTS: &'static [&'static str] = &["path", "files", "bytes", "changed"];
+    const OUTPUTS: &'static [&'static str] = &["path", "files", "bytes", "changed", "copied"];
     const SUMMARY: &'static str = "copy a file or tree atomically (temp sibling + fsync + rename), keeping modes, times, owners";
 
     fn effect(&self, _: &CopyArgs) -> Effect {
@@ -83,6 +87,12 @@ impl Action for Copy {
             return Verdict::WouldFail(e);
         }
         let what = match world.node(&args.from) {
+            Node::Missing if args.if_exists => {
+                return Verdict::NoChange(format!(
+                    "source {} does not exist; nothing to copy (if_exists)",
+                    show(&args.from)
+                ));
+            }
             Node::Missing => {
                 return Verdict::WouldFail(format!("source {} does not exist", show(&args.from)));
             }
@@ -134,6 +144,12 @@ impl Action for Copy {
     }
 
     fn execute(&self, args: &CopyArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        if args.if_exists && fs::symlink_metadata(&args.from).is_err() {
+            let mut out = Outputs::new();
+            out.insert("path".into(), json!(args.to));
+            out.insert("copied".into(), json!(false));
+            return Ok(out);
+        }
         let meta = fs::symlink_metadata(&args.from)
             .map_err(ActionError::io(format!("source {}", args.from.display())))?;
         let owner = args
@@ -154,6 +170,7 @@ impl Action for Copy {
             out.insert("files".into(), json!(files));
             out.insert("bytes".into(), json!(bytes));
             out.insert("changed".into(), json!(false));
+            out.insert("copied".into(), json!(true));
             return Ok(out);
         }
         if exists {
@@ -239,6 +256,7 @@ impl Action for Copy {
         out.insert("files".into(), json!(files));
         out.insert("bytes".into(), json!(bytes));
         out.insert("changed".into(), json!(true));
+        out.insert("copied".into(), json!(true));
         Ok(out)
     }
 }

@@ -44,6 +44,9 @@ pub struct PathCheckArgs {
     /// Minimum size in bytes (files: their size; directories: the total of the files below).
     #[serde(default)]
     pub min_size: Option<u64>,
+    /// Also output the file's sha256 (for metadata and checksums).
+    #[serde(default)]
+    pub sha256: bool,
 }
 
 fn yes() -> bool {
@@ -51,6 +54,21 @@ fn yes() -> bool {
 }
 
 pub struct PathCheck;
+
+fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    use std::io::Read;
+    let mut file = fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            return Ok(super::hex(&hasher.finalize()));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
 
 /// What a path is, as outputs.
 fn describe(path: &std::path::Path) -> Outputs {
@@ -147,7 +165,8 @@ impl Action for PathCheck {
     type Args = PathCheckArgs;
     const NAME: &'static str = "path-check";
     const SUMMARY: &'static str = "assert existence, type, owner, mode and minimum size of a path";
-    const OUTPUTS: &'static [&'static str] = &["path", "exists", "type", "size", "owner", "mode"];
+    const OUTPUTS: &'static [&'static str] =
+        &["path", "exists", "type", "size", "owner", "mode", "sha256"];
 
     fn effect(&self, _: &PathCheckArgs) -> Effect {
         Effect::ReadOnly
@@ -208,7 +227,16 @@ impl Action for PathCheck {
     }
 
     fn execute(&self, args: &PathCheckArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
-        let (problems, found) = Self::problems(args).map_err(ActionError::Failed)?;
+        let (problems, mut found) = Self::problems(args).map_err(ActionError::Failed)?;
+        if args.sha256 && found["type"] == json!("file") {
+            found.insert(
+                "sha256".into(),
+                json!(
+                    sha256_file(&args.path)
+                        .map_err(ActionError::io(format!("read {}", args.path.display())))?
+                ),
+            );
+        }
         if problems.is_empty() {
             Ok(found)
         } else {
