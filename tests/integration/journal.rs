@@ -363,12 +363,19 @@ fn sigkill_at_any_point_loses_nothing() {
         ));
     }
     sb.write("runbooks/many.yaml", &text);
-    let mut seen = std::collections::HashSet::new();
-    let mut interrupted_mid_run = 0;
-    for (round, delay_ms) in [0u64, 3, 6, 9, 12, 15, 18, 21, 25, 30, 35, 40, 50, 60]
+    // Kill points spread over the time a whole run takes on this machine now: on a
+    // loaded machine fixed delays all land before the first step.
+    let started = std::time::Instant::now();
+    let whole = sb.run(&["run", "many", "--set", "tag=calibrate"]);
+    assert_eq!(whole.code, 0, "{whole:?}");
+    let whole_ms = started.elapsed().as_millis() as u64;
+    let delays: Vec<u64> = (0..14).map(|i| whole_ms * i / 13).collect();
+    let mut seen: std::collections::HashSet<String> = runs_json(&sb)
         .iter()
-        .enumerate()
-    {
+        .map(|r| r["id"].as_str().unwrap().to_string())
+        .collect();
+    let mut interrupted_mid_run = 0;
+    for (round, delay_ms) in delays.iter().enumerate() {
         let tag = format!("r{round}");
         let mut child = sb.spawn(&["run", "many", "--set", &format!("tag={tag}")]);
         std::thread::sleep(std::time::Duration::from_millis(*delay_ms));
