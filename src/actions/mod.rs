@@ -5,6 +5,7 @@
 //! engine itself, so the planner and executor handle them (see `control.rs`).
 
 pub mod files;
+pub mod json;
 pub mod process;
 
 use std::path::{Path, PathBuf};
@@ -201,6 +202,7 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::WriteFile,
         &files::Remove,
         &process::Exec,
+        &json::JsonCheck,
     ]
 }
 

@@ -5,4 +5,5 @@ mod support;
 mod dry_run;
 mod errors;
 mod journal;
+mod json;
 mod schema;

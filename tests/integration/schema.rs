@@ -31,6 +31,7 @@ fn schema_file_matches_the_code() {
             "write-file",
             "remove",
             "exec",
+            "json-check",
             "assert",
             "runbook"
         ]
