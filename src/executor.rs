@@ -285,6 +285,7 @@ impl Executor<'_> {
                     roots: frame.roots.clone(),
                     state_dir: self.state_dir.clone(),
                     deadline: None,
+                    probe: false,
                 };
                 if interrupted && !self.retry_steps.contains(key) && step.idempotent != Some(true) {
                     let decision = if step.idempotent == Some(false) {

@@ -133,6 +133,8 @@ pub struct Planner<'a> {
     pub templates: &'a Templates,
     pub inputs: &'a ParamInputs,
     pub state_dir: PathBuf,
+    /// `--probe`: read-only requests (an `http` GET) may be sent to judge a step.
+    pub probe: bool,
 }
 
 impl Planner<'_> {
@@ -214,6 +216,7 @@ impl Planner<'_> {
                     roots: frame.roots.clone(),
                     state_dir: self.state_dir.clone(),
                     deadline: None,
+                    probe: self.probe,
                 };
                 match action.preflight(&args, world, &ctx) {
                     Verdict::WillChange(d) => PlanVerdict::WillChange(d),

@@ -4,6 +4,7 @@ mod support;
 
 mod dry_run;
 mod errors;
+mod http;
 mod journal;
 mod json;
 mod schema;

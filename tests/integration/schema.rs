@@ -32,6 +32,7 @@ fn schema_file_matches_the_code() {
             "remove",
             "exec",
             "json-check",
+            "http",
             "assert",
             "runbook"
         ]
