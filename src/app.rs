@@ -105,6 +105,9 @@ pub fn dispatch(cli: &Cli) -> Exit {
             dry_run: true,
             ..
         } => app.plan(name, inputs),
+        _ if cli.probe && !matches!(cli.command, Command::Plan { .. }) => Err(AppError::Invalid(
+            "--probe applies only to `runbook plan` and `runbook run --dry-run`".into(),
+        )),
         Command::Run {
             name,
             inputs,
@@ -292,6 +295,7 @@ impl App<'_> {
         &self,
         name: &str,
         inputs: &Inputs,
+        probe: bool,
     ) -> Result<(crate::plan::Plan, Frame, ParamInputs), AppError> {
         let rb = self.load(name)?;
         let assume_yes = inputs.yes;
@@ -302,13 +306,14 @@ impl App<'_> {
             templates: &self.templates,
             inputs: &inputs,
             state_dir: self.state_dir.clone(),
+            probe,
         };
         let plan = planner.plan(rb, frame.clone());
         Ok((plan, frame, inputs))
     }
 
     fn plan(&self, name: &str, inputs: &Inputs) -> Result<Exit, AppError> {
-        let (plan, _, _) = self.prepare(name, inputs)?;
+        let (plan, _, _) = self.prepare(name, inputs, self.cli.probe)?;
         if self.json() {
             let mut value = serde_json::to_value(&plan).unwrap_or_default();
             value["summary"] = serde_json::to_value(plan.tally()).unwrap_or_default();
@@ -370,7 +375,7 @@ impl App<'_> {
 
     fn run(&self, name: &str, inputs: &Inputs, no_rollback: bool) -> Result<Exit, AppError> {
         let assume_yes = inputs.yes;
-        let (plan, mut frame, inputs) = self.prepare(name, inputs)?;
+        let (plan, mut frame, inputs) = self.prepare(name, inputs, false)?;
         if let Some((step, why)) = plan.first_failure() {
             if !self.json() {
                 print!("{}", plan_text(&plan));

@@ -47,6 +47,10 @@ pub struct Cli {
     /// Less output: only the run id and the result.
     #[arg(short, long, global = true)]
     pub quiet: bool,
+    /// `plan` and `run --dry-run` only: send the GET requests of `http` steps and report
+    /// their status (other methods are never sent by a dry-run).
+    #[arg(long, global = true)]
+    pub probe: bool,
     #[command(subcommand)]
     pub command: Command,
 }

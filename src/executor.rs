@@ -353,6 +353,7 @@ impl Executor<'_> {
                     state_dir: self.state_dir.clone(),
                     deadline: None,
                     progress: self.progress,
+                    probe: false,
                 };
                 if interrupted && !self.retry_steps.contains(key) && step.idempotent != Some(true) {
                     let decision = if step.idempotent == Some(false) {

@@ -8,6 +8,7 @@ pub mod executor;
 pub mod exit;
 pub mod frame;
 pub mod journal;
+pub mod jq;
 pub mod load;
 pub mod lock;
 pub mod params;

@@ -81,9 +81,9 @@ impl std::fmt::Debug for StepKind {
 
 impl StepKind {
     /// The outputs a step of this kind has, for checking `steps.<id>.outputs.<name>`.
-    pub fn output_names(&self) -> Vec<String> {
+    pub fn output_names(&self, args: &serde_yaml::Value) -> Vec<String> {
         match self {
-            StepKind::Action(a) => a.outputs().iter().map(|s| s.to_string()).collect(),
+            StepKind::Action(a) => a.output_names(args),
             StepKind::Assert => Vec::new(),
             StepKind::Confirm => vec!["answer".to_string()],
             StepKind::Call(child) => child.outputs.iter().map(|(k, _)| k.clone()).collect(),
@@ -316,7 +316,7 @@ impl<'a> Loader<'a> {
                     later_steps: &later,
                 };
                 let checked = self.step(&mut c, step, &path, &scope);
-                let outputs = checked.as_ref().map(|s| s.kind.output_names());
+                let outputs = checked.as_ref().map(|s| s.kind.output_names(&s.args));
                 if let Some(s) = checked {
                     steps.push((section, s));
                 }

@@ -135,6 +135,8 @@ pub struct Planner<'a> {
     pub state_dir: PathBuf,
     /// `--yes`: confirm steps will be answered.
     pub assume_yes: bool,
+    /// `--probe`: read-only requests (an `http` GET) may be sent to judge a step.
+    pub probe: bool,
 }
 
 impl Planner<'_> {
@@ -217,6 +219,7 @@ impl Planner<'_> {
                     state_dir: self.state_dir.clone(),
                     deadline: None,
                     progress: false,
+                    probe: self.probe,
                 };
                 match action.preflight(&args, world, &ctx) {
                     Verdict::WillChange(d) => PlanVerdict::WillChange(d),

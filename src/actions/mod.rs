@@ -6,6 +6,8 @@
 
 pub mod daemon;
 pub mod files;
+pub mod http;
+pub mod json;
 pub mod process;
 pub mod snapshots;
 
@@ -81,6 +83,9 @@ pub struct ActionCtx {
     pub deadline: Option<Instant>,
     /// Long actions may show progress on the terminal (stderr).
     pub progress: bool,
+    /// Planning with `--probe`: read-only network requests (an `http` GET) may be sent
+    /// to judge a step. Never set when running.
+    pub probe: bool,
 }
 
 pub trait Action: Send + Sync + 'static {
@@ -93,6 +98,12 @@ pub trait Action: Send + Sync + 'static {
     const OUTPUTS: &'static [&'static str];
 
     fn effect(&self, args: &Self::Args) -> Effect;
+
+    /// Outputs this step has besides [`Action::OUTPUTS`], named by its arguments (the
+    /// `outputs:` of an `http` step). Judged on the raw arguments at validate.
+    fn extra_outputs(&self, _args: &Self::Args) -> Vec<String> {
+        Vec::new()
+    }
 
     /// Checks that need no template context, run by `validate` on the raw arguments
     /// (template strings are left alone). Returns the field and the problem.
@@ -128,6 +139,8 @@ pub trait ActionKind: Send + Sync {
     fn name(&self) -> &'static str;
     fn summary(&self) -> &'static str;
     fn outputs(&self) -> &'static [&'static str];
+    /// Every output of a step with these raw (unrendered) arguments.
+    fn output_names(&self, raw: &serde_yaml::Value) -> Vec<String>;
     fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema;
     /// Static shape check of the raw (unrendered) arguments.
     fn check_raw(&self, raw: &serde_yaml::Value) -> Result<(), ArgError>;
@@ -157,6 +170,13 @@ impl<A: Action> ActionKind for A {
     }
     fn outputs(&self) -> &'static [&'static str] {
         A::OUTPUTS
+    }
+    fn output_names(&self, raw: &serde_yaml::Value) -> Vec<String> {
+        let mut names: Vec<String> = A::OUTPUTS.iter().map(|s| s.to_string()).collect();
+        if let Ok(args) = serde_yaml::from_value::<A::Args>(raw.clone()) {
+            names.extend(self.extra_outputs(&args));
+        }
+        names
     }
     fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema {
         generator.subschema_for::<A::Args>()
@@ -263,6 +283,8 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &snapshots::Retention,
         &daemon::DaemonStart,
         &daemon::DaemonStop,
+        &json::JsonCheck,
+        &http::Http,
     ]
 }
 

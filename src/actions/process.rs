@@ -108,6 +108,8 @@ impl Action for Exec {
     }
 
     fn execute(&self, args: &ExecArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        // Taken before the own deadline, so "timed out after" is never shorter than it.
+        let started = Instant::now();
         let own_deadline = args
             .timeout
             .as_deref()
@@ -134,7 +136,6 @@ impl Action for Exec {
         if let Some(cwd) = &args.cwd {
             expr = expr.dir(cwd);
         }
-        let started = Instant::now();
         let handle = expr.start().map_err(ActionError::io(format!(
             "start {}",
             display_argv(&args.argv)

@@ -7,6 +7,8 @@ mod dry_run;
 mod errors;
 mod files;
 mod gates;
+mod http;
 mod journal;
+mod json;
 mod retention;
 mod schema;

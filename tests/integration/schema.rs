@@ -39,6 +39,8 @@ fn schema_file_matches_the_code() {
             "retention",
             "daemon-start",
             "daemon-stop",
+            "json-check",
+            "http",
             "assert",
             "confirm",
             "runbook"

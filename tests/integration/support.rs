@@ -76,6 +76,10 @@ impl Sandbox {
             .env("RUNBOOK_STATE_DIR", self.p("state"))
             .env_remove("RUNBOOK_PATH")
             .stdin(Stdio::null());
+        // Requests to the test server on 127.0.0.1 must not go through a proxy.
+        for var in ["http_proxy", "https_proxy", "all_proxy"] {
+            c.env_remove(var).env_remove(var.to_ascii_uppercase());
+        }
         c
     }
 
@@ -132,4 +136,82 @@ pub fn tree_digest(root: &Path) -> BTreeMap<PathBuf, String> {
         out.insert(rel, runbook::actions::files::hex(&h.finalize()));
     }
     out
+}
+
+/// `runbook-testkit http-serve` on 127.0.0.1, killed when dropped (and exiting by itself
+/// after two minutes in any case).
+pub struct HttpServer {
+    child: Child,
+    pub port: u16,
+}
+
+impl HttpServer {
+    /// Starts the server with these route arguments (`--route GET /health 200 '{}'` ...).
+    pub fn start(routes: &[&str]) -> HttpServer {
+        use std::io::{BufRead, BufReader};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runbook-testkit"))
+            .args(["http-serve", "--port", "0", "--exit-after", "120s"])
+            .args(routes)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn runbook-testkit http-serve");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let port = first
+            .trim()
+            .strip_prefix("listening on 127.0.0.1:")
+            .unwrap_or_else(|| panic!("http-serve said: {first:?}"))
+            .parse()
+            .unwrap();
+        HttpServer { child, port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// The requests the server received so far (`GET /__requests`), oldest first.
+    pub fn requests(&self) -> Vec<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        write!(
+            stream,
+            "GET /__requests HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).unwrap();
+        let (head, body) = answer.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 200 "), "{answer}");
+        serde_json::from_str::<serde_json::Value>(body)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    /// `METHOD PATH` of each request received so far.
+    pub fn request_lines(&self) -> Vec<String> {
+        self.requests()
+            .iter()
+            .map(|r| {
+                format!(
+                    "{} {}",
+                    r["method"].as_str().unwrap(),
+                    r["path"].as_str().unwrap()
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for HttpServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
