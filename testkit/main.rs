@@ -4,6 +4,8 @@
 //!
 //! Usage: runbook-testkit <program> [args...]; each program documents its own args.
 
+mod container;
+
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
@@ -22,6 +24,10 @@ fn main() -> ExitCode {
             let _ = rest;
             Ok(())
         }
+        "health-serve" => container::serve(rest),
+        "health-check" => container::check(rest),
+        "wait-file" => container::wait_file(rest),
+        "print-env" => container::print_env(rest),
         other => Err(format!(
             "unknown program `{other}`; programs: {}",
             PROGRAMS.join(", ")
@@ -37,4 +43,10 @@ fn main() -> ExitCode {
 }
 
 /// The programs above, for the usage message.
-const PROGRAMS: &[&str] = &["version"];
+const PROGRAMS: &[&str] = &[
+    "version",
+    "health-serve",
+    "health-check",
+    "wait-file",
+    "print-env",
+];
