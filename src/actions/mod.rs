@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod process;
+pub mod services;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -201,6 +202,11 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::WriteFile,
         &files::Remove,
         &process::Exec,
+        &services::ComposeStop,
+        &services::ComposeStart,
+        &services::SystemdStop,
+        &services::SystemdStart,
+        &services::DockerExec,
     ]
 }
 

@@ -31,6 +31,11 @@ fn schema_file_matches_the_code() {
             "write-file",
             "remove",
             "exec",
+            "compose-stop",
+            "compose-start",
+            "systemd-stop",
+            "systemd-start",
+            "docker-exec",
             "assert",
             "runbook"
         ]
