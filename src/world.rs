@@ -41,16 +41,35 @@ enum Predicted {
 pub struct World {
     /// None for the real world: predictions are dropped and every query goes to disk.
     overlay: Option<BTreeMap<PathBuf, Predicted>>,
+    /// Predicted states of things that are not files, such as whether a service runs
+    /// (`compose:...`, `container:NAME`, `systemd:UNIT`); kept only when `overlay` is.
+    states: BTreeMap<String, String>,
 }
 
 impl World {
     pub fn real() -> Self {
-        World { overlay: None }
+        World {
+            overlay: None,
+            states: BTreeMap::new(),
+        }
     }
 
     pub fn predicted() -> Self {
         World {
             overlay: Some(BTreeMap::new()),
+            states: BTreeMap::new(),
+        }
+    }
+
+    /// The state an earlier step of the plan predicted for `key`, if any. The real
+    /// world predicts nothing: the action must look for itself.
+    pub fn predicted_state(&self, key: &str) -> Option<&str> {
+        self.states.get(key).map(String::as_str)
+    }
+
+    pub fn predict_state(&mut self, key: impl Into<String>, state: impl Into<String>) {
+        if self.overlay.is_some() {
+            self.states.insert(key.into(), state.into());
         }
     }
 
@@ -238,6 +257,10 @@ mod tests {
         real.predict_dir(&base.join("x"));
         assert_eq!(real.node(&base.join("x")), Node::Missing);
         assert!(!base.join("x").exists());
+        real.predict_state("container:x", "stopped");
+        assert_eq!(real.predicted_state("container:x"), None);
+        w.predict_state("container:x", "stopped");
+        assert_eq!(w.predicted_state("container:x"), Some("stopped"));
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //!
 //! Usage: runbook-testkit <program> [args...]; each program documents its own args.
 
+mod container;
+
 use std::process::ExitCode;
 
 mod http_serve;
@@ -25,6 +27,10 @@ fn main() -> ExitCode {
             let _ = rest;
             Ok(())
         }
+        "health-serve" => container::serve(rest),
+        "health-check" => container::check(rest),
+        "wait-file" => container::wait_file(rest),
+        "print-env" => container::print_env(rest),
         other => Err(format!(
             "unknown program `{other}`; programs: {}",
             PROGRAMS.join(", ")
@@ -40,4 +46,11 @@ fn main() -> ExitCode {
 }
 
 /// The programs above, for the usage message.
-const PROGRAMS: &[&str] = &["http-serve", "version"];
+const PROGRAMS: &[&str] = &[
+    "version",
+    "http-serve",
+    "health-serve",
+    "health-check",
+    "wait-file",
+    "print-env",
+];

@@ -9,6 +9,7 @@ pub mod files;
 pub mod http;
 pub mod json;
 pub mod process;
+pub mod services;
 pub mod snapshots;
 
 use std::path::{Path, PathBuf};
@@ -56,7 +57,9 @@ pub type Outputs = serde_json::Map<String, serde_json::Value>;
 pub enum ActionError {
     #[error("{0}")]
     Failed(String),
-    #[error("timed out after {}", humantime::format_duration(*.0))]
+    // Rounded to the millisecond: the clock starts a few microseconds after the deadline
+    // is set, and "timed out after 199ms 998us" for a 200ms timeout helps nobody.
+    #[error("timed out after {}", humantime::format_duration(Duration::from_millis((.0.as_micros() as u64 + 500) / 1000)))]
     TimedOut(Duration),
     #[error("{context}: {source}")]
     Io {
@@ -285,6 +288,11 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &daemon::DaemonStop,
         &json::JsonCheck,
         &http::Http,
+        &services::ComposeStop,
+        &services::ComposeStart,
+        &services::SystemdStop,
+        &services::SystemdStart,
+        &services::DockerExec,
     ]
 }
 

@@ -1,7 +1,7 @@
 //! `exec`: run a program from an argv list. Never a shell string.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use schemars::JsonSchema;
@@ -54,7 +54,8 @@ pub fn display_argv(argv: &[String]) -> String {
         .join(" ")
 }
 
-fn find_program(program: &str, world: &World) -> Option<PathBuf> {
+/// Where `program` would be found: a path (judged against `world`) or a name on `PATH`.
+pub fn find_program(program: &str, world: &World) -> Option<PathBuf> {
     if program.contains('/') {
         let p = PathBuf::from(program);
         return matches!(world.node(&p), Node::File { .. } | Node::Other).then_some(p);
@@ -108,83 +109,127 @@ impl Action for Exec {
     }
 
     fn execute(&self, args: &ExecArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
-        // Taken before the own deadline, so "timed out after" is never shorter than it.
-        let started = Instant::now();
-        let own_deadline = args
-            .timeout
-            .as_deref()
-            .map(parse_duration)
-            .transpose()
-            .map_err(ActionError::Failed)?
-            .map(|d| Instant::now() + d);
-        let deadline = match (own_deadline, ctx.deadline) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        };
-        let (program, rest) = args
-            .argv
-            .split_first()
-            .ok_or_else(|| ActionError::Failed("argv is empty".into()))?;
-        let mut expr = duct::cmd(program, rest)
-            .stdin_null()
-            .stdout_capture()
-            .stderr_capture()
-            .unchecked();
-        for (k, v) in &args.env {
-            expr = expr.env(k, v);
-        }
-        if let Some(cwd) = &args.cwd {
-            expr = expr.dir(cwd);
-        }
-        let handle = expr.start().map_err(ActionError::io(format!(
-            "start {}",
-            display_argv(&args.argv)
-        )))?;
-        let output = match deadline {
-            None => handle.wait().map_err(ActionError::io("wait"))?,
-            Some(deadline) => match handle
-                .wait_deadline(deadline)
-                .map_err(ActionError::io("wait"))?
-            {
-                Some(out) => out,
-                None => {
-                    let _ = handle.kill();
-                    return Err(ActionError::TimedOut(started.elapsed()));
-                }
-            },
-        };
-        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-        let code = output.status.code();
-        if !code.is_some_and(|c| args.expect_exit.contains(&c)) {
-            let status = code.map_or_else(
-                || "killed by a signal".to_string(),
-                |c| format!("exit code {c}"),
-            );
-            let tail: Vec<&str> = stderr.lines().rev().take(5).collect();
-            let tail: Vec<&str> = tail.into_iter().rev().collect();
-            let detail = if tail.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", tail.join(" | "))
-            };
-            return Err(ActionError::Failed(format!(
-                "{} failed with {status}{detail}",
-                display_argv(&args.argv)
-            )));
-        }
-        let mut out = Outputs::new();
-        out.insert("exit_code".into(), json!(code));
-        out.insert("stdout".into(), json!(stdout.trim_end_matches('\n')));
-        out.insert("stderr".into(), json!(stderr.trim_end_matches('\n')));
-        Ok(out)
+        let deadline = step_deadline(args.timeout.as_deref(), ctx)?;
+        let captured = run_argv(&args.argv, &args.env, args.cwd.as_deref(), deadline)?;
+        captured.expect_exit(&args.argv, &args.expect_exit)?;
+        Ok(captured.outputs())
     }
+}
+
+/// What a finished program left behind.
+#[derive(Debug, Clone)]
+pub struct Captured {
+    pub stdout: String,
+    pub stderr: String,
+    /// None when it was killed by a signal.
+    pub code: Option<i32>,
+}
+
+impl Captured {
+    /// Fails unless the exit code is one of `expected`; the error names the program,
+    /// its status and the last lines of its stderr.
+    pub fn expect_exit(&self, argv: &[String], expected: &[i32]) -> Result<(), ActionError> {
+        if self.code.is_some_and(|c| expected.contains(&c)) {
+            return Ok(());
+        }
+        let status = self.code.map_or_else(
+            || "killed by a signal".to_string(),
+            |c| format!("exit code {c}"),
+        );
+        Err(ActionError::Failed(format!(
+            "{} failed with {status}{}",
+            display_argv(argv),
+            self.stderr_tail()
+        )))
+    }
+
+    /// `: line | line` of the last five stderr lines, or nothing.
+    pub fn stderr_tail(&self) -> String {
+        let tail: Vec<&str> = self.stderr.lines().rev().take(5).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!(": {}", tail.join(" | "))
+        }
+    }
+
+    /// `exit_code`, `stdout`, `stderr` (final newlines trimmed): `exec`'s outputs.
+    pub fn outputs(&self) -> Outputs {
+        let mut out = Outputs::new();
+        out.insert("exit_code".into(), json!(self.code));
+        out.insert("stdout".into(), json!(self.stdout.trim_end_matches('\n')));
+        out.insert("stderr".into(), json!(self.stderr.trim_end_matches('\n')));
+        out
+    }
+}
+
+/// The earlier of an action's own `timeout` (from now) and the step's deadline.
+pub fn step_deadline(
+    timeout: Option<&str>,
+    ctx: &ActionCtx,
+) -> Result<Option<Instant>, ActionError> {
+    let own = timeout
+        .map(parse_duration)
+        .transpose()
+        .map_err(ActionError::Failed)?
+        .map(|d| Instant::now() + d);
+    Ok(match (own, ctx.deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    })
+}
+
+/// Runs `argv` (no shell) with stdin closed, stdout and stderr captured, `env` added
+/// to the engine's environment, in `cwd`. Past `deadline` the program is killed and
+/// the result is [`ActionError::TimedOut`]. Any exit code is returned, not judged.
+pub fn run_argv(
+    argv: &[String],
+    env: &BTreeMap<String, String>,
+    cwd: Option<&Path>,
+    deadline: Option<Instant>,
+) -> Result<Captured, ActionError> {
+    let (program, rest) = argv
+        .split_first()
+        .ok_or_else(|| ActionError::Failed("argv is empty".into()))?;
+    let mut expr = duct::cmd(program, rest)
+        .stdin_null()
+        .stdout_capture()
+        .stderr_capture()
+        .unchecked();
+    for (k, v) in env {
+        expr = expr.env(k, v);
+    }
+    if let Some(cwd) = cwd {
+        expr = expr.dir(cwd);
+    }
+    let started = Instant::now();
+    let handle = expr
+        .start()
+        .map_err(ActionError::io(format!("start {}", display_argv(argv))))?;
+    let output = match deadline {
+        None => handle.wait().map_err(ActionError::io("wait"))?,
+        Some(deadline) => match handle
+            .wait_deadline(deadline)
+            .map_err(ActionError::io("wait"))?
+        {
+            Some(out) => out,
+            None => {
+                let _ = handle.kill();
+                return Err(ActionError::TimedOut(started.elapsed()));
+            }
+        },
+    };
+    Ok(Captured {
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        code: output.status.code(),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::path::Path;
 
     #[test]
     fn argv_display_quotes_what_a_shell_would_split() {

@@ -12,3 +12,4 @@ mod journal;
 mod json;
 mod retention;
 mod schema;
+mod services;

@@ -41,6 +41,11 @@ fn schema_file_matches_the_code() {
             "daemon-stop",
             "json-check",
             "http",
+            "compose-stop",
+            "compose-start",
+            "systemd-stop",
+            "systemd-start",
+            "docker-exec",
             "assert",
             "confirm",
             "runbook"
