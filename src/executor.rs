@@ -127,11 +127,16 @@ impl Executor<'_> {
             Err(stop @ Stop::NeedsOperator { .. }) => {
                 (RunStatus::Failed, Some(stop), Outputs::new())
             }
-            Err(stop) => (
-                self.after_failure(frame, "", &stop)?,
-                Some(stop),
-                Outputs::new(),
-            ),
+            Err(stop) => {
+                let status = self.after_failure(frame, "", &stop)?;
+                // What the runbook reports (say, a validator's list of errors) is still
+                // worth having when it failed: rendered where it can be.
+                (
+                    status,
+                    Some(stop),
+                    frame.outputs(self.templates).unwrap_or_default(),
+                )
+            }
         };
         let error = stop.as_ref().map(|s| match s {
             Stop::Failed { key, error } => format!("step `{key}` failed: {error}"),

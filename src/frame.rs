@@ -28,8 +28,9 @@ pub enum StepState {
         /// Why it failed, for a step that may fail (`on_failure: continue`).
         error: Option<String>,
     },
-    /// Dry-run: the step has not run, its outputs are placeholders.
-    Pending,
+    /// Dry-run: the step has not run, its outputs are placeholders; its status is
+    /// known when the plan could judge it (a read-only check of the real system).
+    Pending { status: Option<&'static str> },
 }
 
 #[derive(Debug, Clone)]
@@ -201,7 +202,8 @@ impl Frame {
                     m.insert("error", Value::from(error.clone().unwrap_or_default()));
                     Value::from(m)
                 }
-                StepState::Pending => {
+                StepState::Pending { status } => {
+                    // An unknown status is caught before rendering (Planner::unknown_status_reads).
                     let mut m: BTreeMap<&str, Value> = BTreeMap::new();
                     m.insert(
                         "outputs",
@@ -210,13 +212,9 @@ impl Frame {
                             reads: self.reads.clone(),
                         }),
                     );
-                    m.insert(
-                        "status",
-                        Value::from_object(PendingOutputs {
-                            step: id.clone(),
-                            reads: self.reads.clone(),
-                        }),
-                    );
+                    m.insert("status", Value::from(status.unwrap_or("pending")));
+                    m.insert("error", Value::from(""));
+                    m.insert("duration", Value::from(0.0));
                     Value::from(m)
                 }
             };

@@ -61,6 +61,9 @@ pub struct PlannedStep {
     pub description: Option<String>,
     #[serde(flatten)]
     pub verdict: PlanVerdict,
+    /// `on_failure: continue`: its failure does not stop the run (nor fail the plan).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub continues: bool,
     /// The arguments as they will be used (secrets masked); absent when rendering failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args: Option<Json>,
@@ -91,6 +94,8 @@ pub struct Tally {
     pub unknown: usize,
     pub skipped: usize,
     pub would_fail: usize,
+    /// Would fail, but `on_failure: continue`.
+    pub may_fail: usize,
 }
 
 impl Plan {
@@ -102,6 +107,7 @@ impl Plan {
                     PlanVerdict::NoChange(_) => t.no_change += 1,
                     PlanVerdict::Unknown(_) => t.unknown += 1,
                     PlanVerdict::Skipped(_) => t.skipped += 1,
+                    PlanVerdict::WouldFail(_) if s.continues => t.may_fail += 1,
                     PlanVerdict::WouldFail(_) => t.would_fail += 1,
                 }
             }
@@ -119,7 +125,7 @@ impl Plan {
                 if let Some(inner) = find(&format!("{key}/"), &s.steps) {
                     return Some(inner);
                 }
-                if let PlanVerdict::WouldFail(why) = &s.verdict {
+                if let (true, PlanVerdict::WouldFail(why)) = (s.fails(), &s.verdict) {
                     return Some((key, why.clone()));
                 }
             }
@@ -165,22 +171,78 @@ impl Planner<'_> {
     fn plan_steps(&self, steps: &[Step], frame: &mut Frame, world: &mut World) -> Vec<PlannedStep> {
         let mut out = Vec::new();
         for step in steps {
-            let planned = self.plan_step(step, frame, world);
-            frame.steps.insert(step.id.clone(), StepState::Pending);
+            let (planned, status) = self.plan_step(step, frame, world);
+            frame
+                .steps
+                .insert(step.id.clone(), StepState::Pending { status });
             out.push(planned);
         }
         out
     }
 
-    fn plan_step(&self, step: &Step, frame: &Frame, world: &mut World) -> PlannedStep {
+    /// Earlier steps whose status (or error, or duration) this step reads while it is
+    /// not known yet: the step's verdict is then "unknown until" they run.
+    fn unknown_status_reads(&self, step: &Step, frame: &Frame) -> Vec<String> {
+        let mut sources: Vec<(&str, bool)> = Vec::new();
+        if let Some(when) = &step.when {
+            sources.push((when, true));
+        }
+        collect_strings(&step.args, &mut sources);
+        if matches!(step.kind, StepKind::Assert) {
+            if let Some(that) = step.args.get("that").and_then(|v| v.as_str()) {
+                sources.push((that, true));
+            }
+        }
+        let mut out = Vec::new();
+        for (source, is_expr) in sources {
+            for (id, field) in self.templates.step_refs(source, is_expr) {
+                let unknown = matches!(
+                    frame.steps.get(&id),
+                    Some(StepState::Pending { status: None })
+                ) || (field != "status"
+                    && matches!(frame.steps.get(&id), Some(StepState::Pending { .. })));
+                if unknown && field != "outputs" && !out.contains(&id) {
+                    out.push(id);
+                }
+            }
+        }
+        out
+    }
+
+    /// The step's plan, and its outcome when the plan already knows it (a read-only
+    /// check judged on the real system).
+    fn plan_step(
+        &self,
+        step: &Step,
+        frame: &Frame,
+        world: &mut World,
+    ) -> (PlannedStep, Option<&'static str>) {
+        let mut status = None;
+        let planned = self.plan_step_inner(step, frame, world, &mut status);
+        (planned, status)
+    }
+
+    fn plan_step_inner(
+        &self,
+        step: &Step,
+        frame: &Frame,
+        world: &mut World,
+        known: &mut Option<&'static str>,
+    ) -> PlannedStep {
         let mut planned = PlannedStep {
             id: step.id.clone(),
             action: step.kind.action_name(),
             description: step.description.clone(),
             verdict: PlanVerdict::NoChange(String::new()),
+            continues: step.continue_on_failure,
             args: None,
             steps: Vec::new(),
         };
+        let pending = self.unknown_status_reads(step, frame);
+        if !pending.is_empty() {
+            planned.verdict = PlanVerdict::Unknown(pending);
+            return planned;
+        }
         frame.reads.take();
         if let Some(when) = &step.when {
             match frame.eval(when, self.templates) {
@@ -221,13 +283,29 @@ impl Planner<'_> {
                     progress: false,
                     probe: self.probe,
                 };
+                let read_only = action.effect(&args) == crate::actions::Effect::ReadOnly;
                 match action.preflight(&args, world, &ctx) {
                     Verdict::WillChange(d) => PlanVerdict::WillChange(d),
-                    Verdict::NoChange(d) => PlanVerdict::NoChange(d),
-                    Verdict::WouldFail(d) => PlanVerdict::WouldFail(d),
+                    Verdict::NoChange(d) => {
+                        *known = read_only.then_some("succeeded");
+                        PlanVerdict::NoChange(d)
+                    }
+                    Verdict::Deferred(d) => PlanVerdict::NoChange(d),
+                    Verdict::WouldFail(d) => {
+                        *known = read_only.then_some("failed");
+                        PlanVerdict::WouldFail(d)
+                    }
                 }
             }),
-            StepKind::Assert => self.plan_assert(step, frame),
+            StepKind::Assert => {
+                let v = self.plan_assert(step, frame);
+                *known = match v {
+                    PlanVerdict::NoChange(_) => Some("succeeded"),
+                    PlanVerdict::WouldFail(_) => Some("failed"),
+                    _ => None,
+                };
+                v
+            }
             StepKind::Confirm => {
                 let message = args["message"].as_str().unwrap_or_default();
                 if self.assume_yes {
@@ -315,10 +393,7 @@ fn lock_busy(frame: &Frame, lock: &crate::load::StepLock, templates: &Templates)
 
 /// A call's verdict from its children's.
 fn summarize(child: &Runbook, steps: &[PlannedStep]) -> PlanVerdict {
-    if let Some(fail) = steps
-        .iter()
-        .find(|s| matches!(s.verdict, PlanVerdict::WouldFail(_)))
-    {
+    if let Some(fail) = steps.iter().find(|s| s.fails()) {
         return PlanVerdict::WouldFail(format!(
             "step `{}` of `{}` would fail: {}",
             fail.id,
@@ -345,9 +420,24 @@ fn summarize(child: &Runbook, steps: &[PlannedStep]) -> PlanVerdict {
 }
 
 fn has_failure(steps: &[PlannedStep]) -> bool {
-    steps
-        .iter()
-        .any(|s| matches!(s.verdict, PlanVerdict::WouldFail(_)))
+    steps.iter().any(PlannedStep::fails)
+}
+
+impl PlannedStep {
+    /// Would fail and stop the run.
+    pub fn fails(&self) -> bool {
+        matches!(self.verdict, PlanVerdict::WouldFail(_)) && !self.continues
+    }
+}
+
+/// Every string in an argument tree, as (template source, is an expression).
+fn collect_strings<'a>(v: &'a serde_yaml::Value, out: &mut Vec<(&'a str, bool)>) {
+    match v {
+        serde_yaml::Value::String(s) => out.push((s, false)),
+        serde_yaml::Value::Sequence(items) => items.iter().for_each(|i| collect_strings(i, out)),
+        serde_yaml::Value::Mapping(map) => map.values().for_each(|i| collect_strings(i, out)),
+        _ => {}
+    }
 }
 
 pub fn assert_message(args: &AssertArgs, frame: &Frame, templates: &Templates) -> String {

@@ -146,13 +146,18 @@ pub fn plan_text(plan: &Plan) -> String {
     }
     let t = plan.tally();
     s.push_str(&format!(
-        "{} steps: {} will change, {} no change, {} unknown, {} skipped, {} would fail\n",
+        "{} steps: {} will change, {} no change, {} unknown, {} skipped, {} would fail{}\n",
         plan.steps.len(),
         t.will_change,
         t.no_change,
         t.unknown,
         t.skipped,
-        t.would_fail
+        t.would_fail,
+        if t.may_fail > 0 {
+            format!(", {} may fail (on_failure: continue)", t.may_fail)
+        } else {
+            String::new()
+        }
     ));
     s
 }
@@ -163,7 +168,11 @@ fn steps_text(s: &mut String, steps: &[PlannedStep], depth: usize) {
         let indent = "  ".repeat(depth);
         s.push_str(&format!(
             "{indent}{:<11} {:<width$}  {}: {}\n",
-            st.verdict.label(),
+            if st.continues && matches!(st.verdict, crate::plan::PlanVerdict::WouldFail(_)) {
+                "may fail"
+            } else {
+                st.verdict.label()
+            },
             st.id,
             st.action,
             st.verdict.detail()

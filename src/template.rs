@@ -57,6 +57,29 @@ fn now_utc(format: Option<String>) -> Result<String, minijinja::Error> {
     Ok(out)
 }
 
+/// The newest `YYYYMMDDTHHMMSSZ` directory in `dir`. Read when a var is rendered, so a
+/// run freezes which snapshot "latest" meant when it was planned.
+fn latest_stamp(dir: String) -> Result<String, minijinja::Error> {
+    let entries = std::fs::read_dir(&dir).map_err(|e| {
+        minijinja::Error::new(
+            minijinja::ErrorKind::InvalidOperation,
+            format!("latest_stamp: cannot list {dir}: {e}"),
+        )
+    })?;
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| crate::actions::snapshots::parse_stamp(n).is_some())
+        .max()
+        .ok_or_else(|| {
+            minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("latest_stamp: no snapshots in {dir}"),
+            )
+        })
+}
+
 /// This host's name (for metadata such as a backup's source host).
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
@@ -77,6 +100,7 @@ impl Templates {
         }
         env.add_function("now_utc", now_utc);
         env.add_function("hostname", hostname);
+        env.add_function("latest_stamp", latest_stamp);
         env.add_global("runbook_version", env!("CARGO_PKG_VERSION"));
         Templates { env }
     }
@@ -297,6 +321,32 @@ impl Object for PendingOutputs {
 }
 
 impl Templates {
+    /// `steps.<id>.<field>` references in a template or expression, as (id, field).
+    pub fn step_refs(&self, source: &str, is_expr: bool) -> Vec<(String, String)> {
+        let names = if is_expr {
+            self.env
+                .compile_expression(source)
+                .map(|e| e.undeclared_variables(true))
+                .unwrap_or_default()
+        } else {
+            self.env
+                .template_from_str(source)
+                .map(|t| t.undeclared_variables(true))
+                .unwrap_or_default()
+        };
+        names
+            .into_iter()
+            .filter_map(|n| {
+                let mut parts = n.split('.');
+                (parts.next() == Some("steps")).then_some(())?;
+                Some((
+                    parts.next()?.to_string(),
+                    parts.next().unwrap_or("").to_string(),
+                ))
+            })
+            .collect()
+    }
+
     /// The top-level names a template reads (for secret tracking).
     pub fn names_used(&self, source: &str) -> BTreeSet<String> {
         self.env

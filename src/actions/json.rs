@@ -113,11 +113,11 @@ impl Action for JsonCheck {
         match world.node(&args.path) {
             Node::Missing => Verdict::WouldFail(format!("{shown} does not exist")),
             Node::Dir => Verdict::WouldFail(format!("{shown} is a directory")),
-            _ if world.is_predicted(&args.path) => Verdict::NoChange(format!(
+            _ if world.is_predicted(&args.path) => Verdict::Deferred(format!(
                 "will check {shown} after the steps before it have written it"
             )),
             // Right before the step runs: `execute` checks, with its own messages.
-            _ if !world.is_plan() => Verdict::NoChange(format!("will check {shown}")),
+            _ if !world.is_plan() => Verdict::Deferred(format!("will check {shown}")),
             _ => match check(args) {
                 Ok(_) => Verdict::NoChange(format!(
                     "{shown} is valid JSON{}",

@@ -37,6 +37,9 @@ pub enum Effect {
 pub enum Verdict {
     WillChange(String),
     NoChange(String),
+    /// A check that can only be judged when the run gets there (its input is made by
+    /// an earlier step). Shown as "no change", but its outcome is not known yet.
+    Deferred(String),
     WouldFail(String),
 }
 

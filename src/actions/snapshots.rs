@@ -104,7 +104,7 @@ impl Action for SnapshotList {
 
     fn preflight(&self, args: &SnapshotListArgs, world: &mut World, _: &ActionCtx) -> Verdict {
         if world.is_predicted(&args.dir) {
-            return Verdict::NoChange(format!(
+            return Verdict::Deferred(format!(
                 "will list `{}` after the steps before this one",
                 args.dir.display()
             ));

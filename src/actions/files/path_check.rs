@@ -210,7 +210,7 @@ impl Action for PathCheck {
                     format!("{} will not be a {:?}", show(&args.path), args.kind).to_lowercase(),
                 );
             }
-            return Verdict::NoChange(format!(
+            return Verdict::Deferred(format!(
                 "will check {} after the steps before this one",
                 show(&args.path)
             ));
