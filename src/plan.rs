@@ -188,10 +188,10 @@ impl Planner<'_> {
             sources.push((when, true));
         }
         collect_strings(&step.args, &mut sources);
-        if matches!(step.kind, StepKind::Assert) {
-            if let Some(that) = step.args.get("that").and_then(|v| v.as_str()) {
-                sources.push((that, true));
-            }
+        if let (StepKind::Assert, Some(that)) =
+            (&step.kind, step.args.get("that").and_then(|v| v.as_str()))
+        {
+            sources.push((that, true));
         }
         let mut out = Vec::new();
         for (source, is_expr) in sources {
