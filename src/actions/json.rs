@@ -20,6 +20,10 @@ pub struct JsonCheckArgs {
     /// yield `true`.
     #[serde(default)]
     pub expect: Vec<String>,
+    /// Named values to read out of the document: `{name: jq expression}` (each must
+    /// yield exactly one value), e.g. `{include_chroma: .include_chroma}`.
+    #[serde(default)]
+    pub outputs: indexmap::IndexMap<String, String>,
 }
 
 pub struct JsonCheck;
@@ -87,6 +91,14 @@ fn check(args: &JsonCheckArgs) -> Result<Outputs, String> {
     let mut out = Outputs::new();
     out.insert("valid".into(), json!(true));
     out.insert("values".into(), Json::Array(values));
+    for (name, expr) in &args.outputs {
+        let jq = Jq::compile(expr)
+            .map_err(|why| format!("jq expression `{expr}` does not parse: {why}"))?;
+        let value = jq
+            .single(&doc)
+            .map_err(|why| format!("output `{name}`: {why}"))?;
+        out.insert(name.clone(), value);
+    }
     Ok(out)
 }
 
@@ -97,12 +109,25 @@ impl Action for JsonCheck {
     const SUMMARY: &'static str =
         "check that a file is valid JSON and that jq expressions over it yield true";
 
+    fn extra_outputs(&self, args: &JsonCheckArgs) -> Vec<String> {
+        args.outputs.keys().cloned().collect()
+    }
+
     fn effect(&self, _: &JsonCheckArgs) -> Effect {
         Effect::ReadOnly
     }
 
     fn check_static(&self, args: &JsonCheckArgs) -> Result<(), (String, String)> {
-        check_static_exprs("expect", &args.expect)
+        check_static_exprs("expect", &args.expect)?;
+        for (name, expr) in args.outputs.iter().filter(|(_, e)| !e.contains("{{")) {
+            Jq::compile(expr).map_err(|why| {
+                (
+                    format!("outputs.{name}"),
+                    format!("jq expression `{expr}` does not parse: {why}"),
+                )
+            })?;
+        }
+        Ok(())
     }
 
     fn preflight(&self, args: &JsonCheckArgs, world: &mut World, _: &ActionCtx) -> Verdict {
