@@ -135,6 +135,14 @@ impl Plan {
     }
 }
 
+/// What the plan learnt of a step's outcome.
+enum Known {
+    Nothing,
+    Status(&'static str),
+    /// A local read-only check that the plan ran: its outputs or its error.
+    Ran(Result<crate::actions::Outputs, String>),
+}
+
 pub struct Planner<'a> {
     pub templates: &'a Templates,
     pub inputs: &'a ParamInputs,
@@ -171,10 +179,21 @@ impl Planner<'_> {
     fn plan_steps(&self, steps: &[Step], frame: &mut Frame, world: &mut World) -> Vec<PlannedStep> {
         let mut out = Vec::new();
         for step in steps {
-            let (planned, status) = self.plan_step(step, frame, world);
-            frame
-                .steps
-                .insert(step.id.clone(), StepState::Pending { status });
+            let (planned, known) = self.plan_step(step, frame, world);
+            let state = match known {
+                Known::Nothing => StepState::Pending { status: None },
+                Known::Status(status) => StepState::Pending {
+                    status: Some(status),
+                },
+                Known::Ran(Ok(outputs)) => StepState::done("succeeded", outputs),
+                Known::Ran(Err(error)) => StepState::Done {
+                    status: "failed",
+                    outputs: Default::default(),
+                    duration: 0.0,
+                    error: Some(error),
+                },
+            };
+            frame.steps.insert(step.id.clone(), state);
             out.push(planned);
         }
         out
@@ -211,15 +230,10 @@ impl Planner<'_> {
 
     /// The step's plan, and its outcome when the plan already knows it (a read-only
     /// check judged on the real system).
-    fn plan_step(
-        &self,
-        step: &Step,
-        frame: &Frame,
-        world: &mut World,
-    ) -> (PlannedStep, Option<&'static str>) {
-        let mut status = None;
-        let planned = self.plan_step_inner(step, frame, world, &mut status);
-        (planned, status)
+    fn plan_step(&self, step: &Step, frame: &Frame, world: &mut World) -> (PlannedStep, Known) {
+        let mut known = Known::Nothing;
+        let planned = self.plan_step_inner(step, frame, world, &mut known);
+        (planned, known)
     }
 
     fn plan_step_inner(
@@ -227,7 +241,7 @@ impl Planner<'_> {
         step: &Step,
         frame: &Frame,
         world: &mut World,
-        known: &mut Option<&'static str>,
+        known: &mut Known,
     ) -> PlannedStep {
         let mut planned = PlannedStep {
             id: step.id.clone(),
@@ -284,25 +298,30 @@ impl Planner<'_> {
                     probe: self.probe,
                 };
                 let read_only = action.effect(&args) == crate::actions::Effect::ReadOnly;
-                match action.preflight(&args, world, &ctx) {
+                let verdict = action.preflight(&args, world, &ctx);
+                if read_only && matches!(verdict, Verdict::NoChange(_) | Verdict::WouldFail(_)) {
+                    *known = if action.plan_runs_it() {
+                        // A local read-only check judged on the real system: its outputs
+                        // are what the run will see, so later steps can use them.
+                        Known::Ran(action.execute(&args, &ctx).map_err(|e| e.to_string()))
+                    } else if matches!(verdict, Verdict::NoChange(_)) {
+                        Known::Status("succeeded")
+                    } else {
+                        Known::Status("failed")
+                    };
+                }
+                match verdict {
                     Verdict::WillChange(d) => PlanVerdict::WillChange(d),
-                    Verdict::NoChange(d) => {
-                        *known = read_only.then_some("succeeded");
-                        PlanVerdict::NoChange(d)
-                    }
-                    Verdict::Deferred(d) => PlanVerdict::NoChange(d),
-                    Verdict::WouldFail(d) => {
-                        *known = read_only.then_some("failed");
-                        PlanVerdict::WouldFail(d)
-                    }
+                    Verdict::NoChange(d) | Verdict::Deferred(d) => PlanVerdict::NoChange(d),
+                    Verdict::WouldFail(d) => PlanVerdict::WouldFail(d),
                 }
             }),
             StepKind::Assert => {
                 let v = self.plan_assert(step, frame);
-                *known = match v {
-                    PlanVerdict::NoChange(_) => Some("succeeded"),
-                    PlanVerdict::WouldFail(_) => Some("failed"),
-                    _ => None,
+                *known = match &v {
+                    PlanVerdict::NoChange(_) => Known::Ran(Ok(Default::default())),
+                    PlanVerdict::WouldFail(why) => Known::Ran(Err(why.clone())),
+                    _ => Known::Nothing,
                 };
                 v
             }

@@ -105,6 +105,7 @@ fn check(args: &JsonCheckArgs) -> Result<Outputs, String> {
 impl Action for JsonCheck {
     type Args = JsonCheckArgs;
     const NAME: &'static str = "json-check";
+    const PLAN_RUNS_IT: bool = true;
     const OUTPUTS: &'static [&'static str] = &["valid", "values"];
     const SUMMARY: &'static str =
         "check that a file is valid JSON and that jq expressions over it yield true";

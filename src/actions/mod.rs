@@ -102,6 +102,9 @@ pub trait Action: Send + Sync + 'static {
     const SUMMARY: &'static str;
     /// The names of its outputs (`steps.<id>.outputs.<name>`).
     const OUTPUTS: &'static [&'static str];
+    /// True for checks that only read local files (never the network, never a
+    /// service): the plan runs them for real so later steps see their outputs.
+    const PLAN_RUNS_IT: bool = false;
 
     fn effect(&self, args: &Self::Args) -> Effect;
 
@@ -145,6 +148,7 @@ pub trait ActionKind: Send + Sync {
     fn name(&self) -> &'static str;
     fn summary(&self) -> &'static str;
     fn outputs(&self) -> &'static [&'static str];
+    fn plan_runs_it(&self) -> bool;
     /// Every output of a step with these raw (unrendered) arguments.
     fn output_names(&self, raw: &serde_yaml::Value) -> Vec<String>;
     fn args_schema(&self, generator: &mut SchemaGenerator) -> Schema;
@@ -176,6 +180,9 @@ impl<A: Action> ActionKind for A {
     }
     fn outputs(&self) -> &'static [&'static str] {
         A::OUTPUTS
+    }
+    fn plan_runs_it(&self) -> bool {
+        A::PLAN_RUNS_IT
     }
     fn output_names(&self, raw: &serde_yaml::Value) -> Vec<String> {
         let mut names: Vec<String> = A::OUTPUTS.iter().map(|s| s.to_string()).collect();

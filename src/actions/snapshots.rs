@@ -94,6 +94,7 @@ fn snapshot_listing(args: &SnapshotListArgs) -> Result<Outputs, String> {
 impl Action for SnapshotList {
     type Args = SnapshotListArgs;
     const NAME: &'static str = "snapshot-list";
+    const PLAN_RUNS_IT: bool = true;
     const SUMMARY: &'static str =
         "list stamped snapshots newest first, with their metadata; `latest` is the newest stamp";
     const OUTPUTS: &'static [&'static str] = &["backup_dir", "latest", "count", "backups"];

@@ -164,6 +164,7 @@ impl PathCheck {
 impl Action for PathCheck {
     type Args = PathCheckArgs;
     const NAME: &'static str = "path-check";
+    const PLAN_RUNS_IT: bool = true;
     const SUMMARY: &'static str = "assert existence, type, owner, mode and minimum size of a path";
     const OUTPUTS: &'static [&'static str] =
         &["path", "exists", "type", "size", "owner", "mode", "sha256"];
