@@ -6,6 +6,7 @@
 
 use std::process::ExitCode;
 
+mod http;
 mod http_serve;
 
 fn main() -> ExitCode {
