@@ -6,6 +6,10 @@
 
 use std::process::ExitCode;
 
+mod atocore;
+mod atocore_damage;
+mod atocore_sandbox;
+mod atocore_standin;
 mod http;
 mod http_serve;
 
@@ -20,6 +24,9 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = match program.as_str() {
         // One line per program: "name" => module::main(rest),
+        "atocore-damage" => atocore_damage::main(rest),
+        "atocore-sandbox" => atocore_sandbox::main(rest),
+        "atocore-standin" => atocore_standin::main(rest),
         "http-serve" => http_serve::main(rest),
         "version" => {
             println!("runbook-testkit {}", env!("CARGO_PKG_VERSION"));
@@ -41,4 +48,10 @@ fn main() -> ExitCode {
 }
 
 /// The programs above, for the usage message.
-const PROGRAMS: &[&str] = &["http-serve", "version"];
+const PROGRAMS: &[&str] = &[
+    "atocore-damage",
+    "atocore-sandbox",
+    "atocore-standin",
+    "http-serve",
+    "version",
+];
