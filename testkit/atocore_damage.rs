@@ -15,6 +15,10 @@
 //! - `drop-chroma`: remove the vector store directory.
 //! - `delete-documents`: delete every row of `documents` and `chunks` (still a valid
 //!   database).
+//! - `stale-wal`: commit one more document (title `written after the backup`) into
+//!   `atocore.db-wal` and leave it there un-checkpointed, as a writer killed with
+//!   SIGKILL does; `atocore.db` itself is not changed. SQLite replays that WAL into
+//!   whatever database is copied over `atocore.db` unless the restore removes it.
 //!
 //! `-wal`/`-shm` files beside the database are removed when it is replaced. One line on
 //! stdout says what was done.
@@ -33,6 +37,7 @@ pub const KINDS: &[&str] = &[
     "bad-registry",
     "drop-chroma",
     "delete-documents",
+    "stale-wal",
 ];
 
 fn usage() -> String {
@@ -82,6 +87,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
         "bad-registry" => bad_registry(&layout.registry())?,
         "drop-chroma" => drop_chroma(&layout.chroma())?,
         "delete-documents" => delete_documents(&layout.db())?,
+        "stale-wal" => stale_wal(&layout.db())?,
         other => return Err(format!("unknown kind `{other}`; {}", usage())),
     };
     println!("{kind}: {done}");
@@ -196,5 +202,41 @@ fn delete_documents(db: &Path) -> Result<String, String> {
     Ok(format!(
         "{documents} documents and {chunks} chunks deleted from {}",
         db.display()
+    ))
+}
+
+fn stale_wal(db: &Path) -> Result<String, String> {
+    let sql = |e: rusqlite::Error| format!("{}: {e}", db.display());
+    if !db.is_file() {
+        return Err(format!("{}: no such file", db.display()));
+    }
+    let conn =
+        rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE)
+            .map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(sql)?;
+    conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+        .map_err(sql)?;
+    conn.execute_batch("PRAGMA wal_autocheckpoint = 0")
+        .map_err(sql)?;
+    let id: i64 = conn
+        .query_row(
+            "INSERT INTO documents(id, project_id, source_path, title, ingested_at)
+             SELECT coalesce(max(id), 0) + 1, 'p05-interferometer',
+                    '/srv/storage/atocore/sources/vault/p05-interferometer/notes/after-backup.md',
+                    'written after the backup', '2026-04-08T06:30:00Z'
+             FROM documents RETURNING id",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(sql)?;
+    // Not closed: closing the last connection would checkpoint the WAL into the
+    // database and remove it, which a killed writer never gets to do.
+    std::mem::forget(conn);
+    let wal = &atocore::wal_files(db)[0];
+    let len = fs::metadata(wal).map_err(io(wal))?.len();
+    Ok(format!(
+        "document {id} committed to {} ({len} bytes) and left un-checkpointed",
+        wal.display()
     ))
 }

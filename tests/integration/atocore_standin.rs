@@ -691,8 +691,40 @@ fn damage_keeps_the_size_or_halves_it_and_replaces_the_database_cleanly() {
     assert_eq!(r.code, 1, "{r:?}");
     assert_eq!(
         r.stderr,
-        "runbook-testkit atocore-damage: unknown kind `melt`; usage: atocore-damage ROOT --kind KIND (KIND: truncate-db, corrupt-db, empty-db, bad-registry, drop-chroma, delete-documents)\n"
+        "runbook-testkit atocore-damage: unknown kind `melt`; usage: atocore-damage ROOT --kind KIND (KIND: truncate-db, corrupt-db, empty-db, bad-registry, drop-chroma, delete-documents, stale-wal)\n"
     );
+}
+
+#[test]
+fn a_stale_wal_is_replayed_into_a_database_copied_over_it_unless_it_is_removed() {
+    let d = Deployment::build(&["--documents", "30"]);
+    let snapshot = std::fs::read(d.db()).unwrap();
+    let s = d.standin(&[]);
+    assert_eq!(s.documents(), 30);
+    let r = d.damage("stale-wal");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.starts_with("stale-wal: document 31 committed to "),
+        "{r:?}"
+    );
+    assert_eq!(
+        std::fs::read(d.db()).unwrap(),
+        snapshot,
+        "the database file changed"
+    );
+    let [wal, shm] = ["-wal", "-shm"].map(|x| PathBuf::from(format!("{}{x}", d.db().display())));
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0);
+    assert_eq!(s.documents(), 31, "readers see the committed WAL");
+
+    // A restore that only copies the database over keeps the newer document.
+    std::fs::write(d.db(), &snapshot).unwrap();
+    assert_eq!(s.documents(), 31);
+    // Removing the WAL and its index with it restores the snapshot's state.
+    std::fs::remove_file(&wal).unwrap();
+    std::fs::remove_file(&shm).unwrap();
+    std::fs::write(d.db(), &snapshot).unwrap();
+    assert_eq!(s.documents(), 30);
+    assert_eq!(s.get("/health").0, 200);
 }
 
 #[test]
