@@ -195,6 +195,19 @@ impl Drop for Standin {
     }
 }
 
+/// Kills the service recorded in a pidfile when the test ends, passed or not (the
+/// sandbox's `service_argv` has no `--exit-after`).
+struct StopOnDrop(PathBuf);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = runbook::actions::daemon::running(&self.0) {
+            // SAFETY: kill(2) on the pid the pidfile records, checked to be that process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + limit;
     while !cond() {
@@ -859,6 +872,7 @@ steps:
     );
     let vars = d.dir().join("sandbox.yaml").display().to_string();
     let url = d.vars()["service_url"].as_str().unwrap().to_string();
+    let _service = StopOnDrop(d.dir().join("run/atocore.pid"));
 
     let ok = sb.run(&["run", "verify", "--vars", &vars]);
     let stop = sb.run(&["run", "stop", "--vars", &vars]);
