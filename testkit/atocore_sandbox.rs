@@ -20,7 +20,8 @@
 //!   `data/cache/`, `data/tmp/`, and `run/` (pidfile and log of the service).
 //! - `sandbox.yaml`: the vars file for the AtoCore runbooks (`--vars DIR/sandbox.yaml`),
 //!   whose `service_argv` runs `atocore-standin` on `--port` (0, the default, picks a
-//!   free port now).
+//!   free port now); `service_url` is `http://127.0.0.1:PORT`, `service_addr` the bare
+//!   `127.0.0.1:PORT`.
 //!
 //! Everything below the AtoCore root is owned by 1000:1000 when run as root (as on
 //! Dalidou), else by the current user; the database is mode 600, other files 644,
@@ -306,6 +307,8 @@ fn vars_yaml(dir: &Path, layout: &Layout, port: u16, uid: u32, gid: u32) -> Resu
         format!("backup_dir: {}", path(layout.backups())),
         format!("ingestion_lock: {}", path(layout.ingestion_lock())),
         format!("service_url: {}", q(&format!("http://127.0.0.1:{port}"))),
+        // For `daemon-start`'s `wait_for_port` (host:port, no scheme).
+        format!("service_addr: {}", q(&format!("127.0.0.1:{port}"))),
         "service_manager: \"process\"".to_string(),
         format!(
             "service_argv: [{}]",

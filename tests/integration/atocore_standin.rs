@@ -436,6 +436,7 @@ fn the_sandbox_is_byte_identical_for_a_seed_and_shaped_like_the_deployment() {
         ("backup_dir", format!("{root}/backups")),
         ("ingestion_lock", format!("{root}/data/ingestion.lock")),
         ("service_url", "http://127.0.0.1:18123".to_string()),
+        ("service_addr", "127.0.0.1:18123".to_string()),
         ("service_manager", "process".to_string()),
         ("service_pidfile", format!("{dir}/run/atocore.pid")),
         ("service_log", format!("{dir}/run/atocore.log")),
@@ -837,6 +838,7 @@ fn a_runbook_started_from_the_sandbox_vars_verifies_the_standin_and_fails_on_dam
         r#"version: 1
 params:
   service_url: {type: string, required: true}
+  service_addr: {type: string, required: true}
   service_argv: {type: list, required: true}
   service_pidfile: {type: path, required: true}
   service_log: {type: path, required: true}
@@ -850,7 +852,7 @@ steps:
       argv: "{{ service_argv }}"
       pidfile: "{{ service_pidfile }}"
       log: "{{ service_log }}"
-      wait_for_port: "{{ service_url | replace('http://', '') }}"
+      wait_for_port: "{{ service_addr }}"
   - id: health
     action: http
     with:
