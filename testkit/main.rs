@@ -8,6 +8,11 @@ mod container;
 
 use std::process::ExitCode;
 
+mod atocore;
+mod atocore_damage;
+mod atocore_sandbox;
+mod atocore_standin;
+mod http;
 mod http_serve;
 
 fn main() -> ExitCode {
@@ -21,6 +26,9 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = match program.as_str() {
         // One line per program: "name" => module::main(rest),
+        "atocore-damage" => atocore_damage::main(rest),
+        "atocore-sandbox" => atocore_sandbox::main(rest),
+        "atocore-standin" => atocore_standin::main(rest),
         "http-serve" => http_serve::main(rest),
         "version" => {
             println!("runbook-testkit {}", env!("CARGO_PKG_VERSION"));
@@ -53,4 +61,7 @@ const PROGRAMS: &[&str] = &[
     "health-check",
     "wait-file",
     "print-env",
+    "atocore-sandbox",
+    "atocore-standin",
+    "atocore-damage",
 ];

@@ -2,6 +2,7 @@
 
 mod support;
 
+mod atocore_standin;
 mod daemon;
 mod dry_run;
 mod errors;
