@@ -181,7 +181,7 @@ impl Planner<'_> {
         if let Some(when) = &step.when {
             match frame.eval(when, self.templates) {
                 Err(e) => {
-                    planned.verdict = PlanVerdict::WouldFail(format!("`when`: {e}"));
+                    planned.verdict = unknown_or(frame, format!("`when`: {e}"));
                     return planned;
                 }
                 Ok(value) => {
@@ -200,7 +200,7 @@ impl Planner<'_> {
         let args = match frame.render_args(&step.args, self.templates) {
             Ok(a) => a,
             Err(e) => {
-                planned.verdict = PlanVerdict::WouldFail(e);
+                planned.verdict = unknown_or(frame, e);
                 return planned;
             }
         };
@@ -215,6 +215,7 @@ impl Planner<'_> {
                     state_dir: self.state_dir.clone(),
                     deadline: None,
                 };
+                world.set_step(&step.id);
                 match action.preflight(&args, world, &ctx) {
                     Verdict::WillChange(d) => PlanVerdict::WillChange(d),
                     Verdict::NoChange(d) => PlanVerdict::NoChange(d),
@@ -273,6 +274,18 @@ impl Planner<'_> {
         let steps = self.plan_steps(&child.steps, &mut frame, world);
         let verdict = summarize(child, &steps);
         (verdict, steps)
+    }
+}
+
+/// A template that failed while it read outputs of steps that have not run (such as
+/// `steps.q.outputs.rows[0].name`, whose placeholder has no `[0]`) is unknown, not
+/// failing: only the run can tell.
+fn unknown_or(frame: &Frame, error: String) -> PlanVerdict {
+    let reads = frame.reads.take();
+    if reads.is_empty() {
+        PlanVerdict::WouldFail(error)
+    } else {
+        PlanVerdict::Unknown(reads.into_iter().collect())
     }
 }
 

@@ -35,17 +35,43 @@ enum Predicted {
 pub struct World {
     /// None for the real world: predictions are dropped and every query goes to disk.
     overlay: Option<BTreeMap<PathBuf, Predicted>>,
+    /// The step that made each prediction in `overlay`, for "after <step> runs".
+    origins: BTreeMap<PathBuf, String>,
+    /// The step being planned; set by the planner before each preflight.
+    step: Option<String>,
 }
 
 impl World {
     pub fn real() -> Self {
-        World { overlay: None }
+        World::default()
     }
 
     pub fn predicted() -> Self {
         World {
             overlay: Some(BTreeMap::new()),
+            ..World::default()
         }
+    }
+
+    /// True in a dry-run: the world is the real one plus predictions, and an action's
+    /// preflight is the only look it gets (in a run, `execute` follows it).
+    pub fn is_dry_run(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// Names the step whose predictions follow (the planner calls it per step).
+    pub fn set_step(&mut self, step: &str) {
+        self.step = Some(step.to_string());
+    }
+
+    /// The step whose predicted effect decides what `path` will be, if any.
+    pub fn predicted_by(&self, path: &Path) -> Option<&str> {
+        let overlay = self.overlay.as_ref()?;
+        let path = normalize(path);
+        path.ancestors()
+            .find(|a| overlay.contains_key(*a))
+            .and_then(|a| self.origins.get(a))
+            .map(String::as_str)
     }
 
     /// True when this world holds a prediction for `path` or an ancestor, i.e. its
@@ -86,7 +112,9 @@ impl World {
 
     pub fn predict_dir(&mut self, path: &Path) {
         let path = normalize(path);
-        if self.overlay.is_none() {
+        // A directory that is really there needs no prediction: what is below it
+        // stays real (and `is_predicted` false) for the steps after.
+        if self.overlay.is_none() || (!self.is_predicted(&path) && real_node(&path) == Node::Dir) {
             return;
         }
         // Only directories that do not exist (really or as predicted) get an entry, so
@@ -100,7 +128,14 @@ impl World {
         if let Some(overlay) = &mut self.overlay {
             for ancestor in missing {
                 overlay.retain(|p, _| !p.starts_with(&ancestor));
+                self.origins.retain(|p, _| !p.starts_with(&ancestor));
+                if let Some(step) = &self.step {
+                    self.origins.insert(ancestor.clone(), step.clone());
+                }
                 overlay.insert(ancestor, Predicted::Dir);
+            }
+            if let Some(step) = &self.step {
+                self.origins.insert(path.clone(), step.clone());
             }
             overlay.insert(path, Predicted::Dir);
         }
@@ -127,6 +162,10 @@ impl World {
         }
         if let Some(overlay) = &mut self.overlay {
             overlay.retain(|p, _| !p.starts_with(path));
+            self.origins.retain(|p, _| !p.starts_with(path));
+            if let Some(step) = &self.step {
+                self.origins.insert(path.to_path_buf(), step.clone());
+            }
             overlay.insert(path.to_path_buf(), what);
         }
     }
@@ -187,6 +226,17 @@ mod tests {
         w.predict_absent(&base.join("new"));
         assert_eq!(w.node(&base.join("new/sub/copy")), Node::Missing);
         assert_eq!(w.node(&base.join("src")), Node::File { len: Some(5) });
+        // Each prediction remembers the step that made it.
+        w.set_step("make-db");
+        w.predict_file(&base.join("db.sqlite"), Some(4096));
+        assert_eq!(w.predicted_by(&base.join("db.sqlite")), Some("make-db"));
+        assert_eq!(w.predicted_by(&base.join("src")), None);
+        assert!(w.is_dry_run() && !World::real().is_dry_run());
+        // A directory that exists needs no prediction: what is in it stays real.
+        w.set_step("ensure-base");
+        w.predict_dir(base);
+        assert!(!w.is_predicted(&base.join("src")));
+        assert_eq!(w.predicted_by(base), None);
         // The real world ignores predictions.
         let mut real = World::real();
         real.predict_dir(&base.join("x"));
