@@ -17,12 +17,12 @@ use sha2::{Digest, Sha256};
 use super::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, check_destructive};
 use crate::world::{Node, World};
 
-fn show(p: &Path) -> String {
+pub(crate) fn show(p: &Path) -> String {
     format!("`{}`", p.display())
 }
 
 /// The parent of `path` must be (or be predicted to be) a directory.
-fn parent_is_dir(path: &Path, world: &World) -> Result<(), String> {
+pub(crate) fn parent_is_dir(path: &Path, world: &World) -> Result<(), String> {
     let parent = crate::world::normalize(path)
         .parent()
         .map(Path::to_path_buf)
@@ -38,7 +38,7 @@ fn parent_is_dir(path: &Path, world: &World) -> Result<(), String> {
 }
 
 /// A sibling name used while a step builds its result.
-fn sibling(path: &Path, tag: &str) -> PathBuf {
+pub(crate) fn sibling(path: &Path, tag: &str) -> PathBuf {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -46,20 +46,20 @@ fn sibling(path: &Path, tag: &str) -> PathBuf {
     path.with_file_name(format!(".{name}.runbook-{tag}"))
 }
 
-fn fsync_dir(dir: &Path) -> Result<(), ActionError> {
+pub(crate) fn fsync_dir(dir: &Path) -> Result<(), ActionError> {
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(ActionError::io(format!("fsync {}", dir.display())))
 }
 
-fn fsync_parent(path: &Path) -> Result<(), ActionError> {
+pub(crate) fn fsync_parent(path: &Path) -> Result<(), ActionError> {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => fsync_dir(p),
         _ => fsync_dir(Path::new(".")),
     }
 }
 
-fn remove_any(path: &Path) -> std::io::Result<()> {
+pub(crate) fn remove_any(path: &Path) -> std::io::Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(e),

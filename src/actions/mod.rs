@@ -6,6 +6,7 @@
 
 pub mod files;
 pub mod process;
+pub mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -201,6 +202,9 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &files::WriteFile,
         &files::Remove,
         &process::Exec,
+        &sqlite::SqliteBackup,
+        &sqlite::Check,
+        &sqlite::Query,
     ]
 }
 

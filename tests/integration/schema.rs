@@ -31,6 +31,9 @@ fn schema_file_matches_the_code() {
             "write-file",
             "remove",
             "exec",
+            "sqlite-backup",
+            "sqlite-check",
+            "sqlite-query",
             "assert",
             "runbook"
         ]
