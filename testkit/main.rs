@@ -6,6 +6,8 @@
 
 use std::process::ExitCode;
 
+mod sqlite_writer;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((program, rest)) = args.split_first() else {
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = match program.as_str() {
         // One line per program: "name" => module::main(rest),
+        "sqlite-writer" => sqlite_writer::main(rest),
         "version" => {
             println!("runbook-testkit {}", env!("CARGO_PKG_VERSION"));
             let _ = rest;
@@ -37,4 +40,4 @@ fn main() -> ExitCode {
 }
 
 /// The programs above, for the usage message.
-const PROGRAMS: &[&str] = &["version"];
+const PROGRAMS: &[&str] = &["sqlite-writer", "version"];

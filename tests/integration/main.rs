@@ -6,3 +6,4 @@ mod dry_run;
 mod errors;
 mod journal;
 mod schema;
+mod sqlite;
