@@ -46,6 +46,8 @@ use crate::world::{Node, World, normalize};
 const MAGIC: &[u8; 16] = b"SQLite format 3\0";
 /// Pages copied per backup step; the deadline is checked between steps.
 const STEP_PAGES: i32 = 1024;
+/// Steps (of STEP_PAGES pages) between writeback kicks of the temp file.
+const WRITEBACK_EVERY_STEPS: u32 = 8;
 /// How long to wait for a lock when the step sets no timeout.
 const DEFAULT_BUSY: Duration = Duration::from_secs(60);
 /// At most this many rows of a query become its `rows` output (`count` counts all).
@@ -859,15 +861,23 @@ fn copy_into(
         let _: i64 = src
             .query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0))
             .map_err(DbError::sqlite("read the schema"))?;
+        let flush =
+            File::open(tmp).map_err(|e| DbError::Other(format!("open {}: {e}", show(tmp))))?;
         let pages = {
             let backup = Backup::new(src, &mut dst).map_err(DbError::sqlite(&context))?;
+            let mut steps = 0u32;
             loop {
                 if past(deadline) {
                     return Err(DbError::TimedOut);
                 }
                 match backup.step(STEP_PAGES).map_err(DbError::sqlite(&context))? {
                     StepResult::Done => break,
-                    StepResult::More => {}
+                    StepResult::More => {
+                        steps += 1;
+                        if steps.is_multiple_of(WRITEBACK_EVERY_STEPS) {
+                            start_writeback(&flush);
+                        }
+                    }
                     // Only the destination can be busy (the source snapshot is held).
                     _ => std::thread::sleep(Duration::from_millis(10)),
                 }
@@ -879,6 +889,22 @@ fn copy_into(
         dst.close().map_err(|(_, e)| DbError::sqlite(&context)(e))?;
         Ok(pages)
     })
+}
+
+/// Starts writing the temp file's dirty pages to disk without waiting for them.
+///
+/// Left alone, the kernel holds hundreds of MB of the copy in dirty pages and then
+/// flushes them in bursts, during which a live writer's commit fsyncs wait: measured
+/// on a 500 MB copy, the writer's worst commit took 131-482 ms; with a kick every
+/// 32 MB it took 23-62 ms, for the same copy time. (fdatasync every 32 MB smoothed the
+/// writer as well but made an idle copy ~40% slower: the copy waited for the disk.)
+/// Only a hint: an error (a filesystem without support) changes nothing.
+fn start_writeback(file: &File) {
+    use std::os::fd::AsRawFd;
+    // SAFETY: a valid open descriptor; offset 0 and length 0 mean the whole file.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE);
+    }
 }
 
 fn remove_tmp(tmp: &Path) -> std::io::Result<()> {
