@@ -261,7 +261,7 @@ impl Planner<'_> {
         if let Some(when) = &step.when {
             match frame.eval(when, self.templates) {
                 Err(e) => {
-                    planned.verdict = PlanVerdict::WouldFail(format!("`when`: {e}"));
+                    planned.verdict = unknown_or(frame, format!("`when`: {e}"));
                     return planned;
                 }
                 Ok(value) => {
@@ -280,7 +280,7 @@ impl Planner<'_> {
         let args = match frame.render_args(&step.args, self.templates) {
             Ok(a) => a,
             Err(e) => {
-                planned.verdict = PlanVerdict::WouldFail(e);
+                planned.verdict = unknown_or(frame, e);
                 return planned;
             }
         };
@@ -297,6 +297,7 @@ impl Planner<'_> {
                     progress: false,
                     probe: self.probe,
                 };
+                world.set_step(&step.id);
                 let read_only = action.effect(&args) == crate::actions::Effect::ReadOnly;
                 let verdict = action.preflight(&args, world, &ctx);
                 if read_only && matches!(verdict, Verdict::NoChange(_) | Verdict::WouldFail(_)) {
@@ -408,6 +409,18 @@ fn lock_busy(frame: &Frame, lock: &crate::load::StepLock, templates: &Templates)
         "lock {path} is held now by {holder}; the step will wait up to {}",
         humantime::format_duration(lock.timeout)
     ))
+}
+
+/// A template that failed while it read outputs of steps that have not run (such as
+/// `steps.q.outputs.rows[0].name`, whose placeholder has no `[0]`) is unknown, not
+/// failing: only the run can tell.
+fn unknown_or(frame: &Frame, error: String) -> PlanVerdict {
+    let reads = frame.reads.take();
+    if reads.is_empty() {
+        PlanVerdict::WouldFail(error)
+    } else {
+        PlanVerdict::Unknown(reads.into_iter().collect())
+    }
 }
 
 /// A call's verdict from its children's.

@@ -44,21 +44,46 @@ pub struct World {
     /// Predicted states of things that are not files, such as whether a service runs
     /// (`compose:...`, `container:NAME`, `systemd:UNIT`); kept only when `overlay` is.
     states: BTreeMap<String, String>,
+    /// The step that made each prediction in `overlay`, for "after <step> runs".
+    origins: BTreeMap<PathBuf, String>,
+    /// The step being planned; set by the planner before each preflight.
+    step: Option<String>,
 }
 
 impl World {
     pub fn real() -> Self {
         World {
             overlay: None,
-            states: BTreeMap::new(),
+            ..World::default()
         }
     }
 
     pub fn predicted() -> Self {
         World {
             overlay: Some(BTreeMap::new()),
-            states: BTreeMap::new(),
+            ..World::default()
         }
+    }
+
+    /// True in a dry-run: the world is the real one plus predictions, and an action's
+    /// preflight is the only look it gets (in a run, `execute` follows it).
+    pub fn is_dry_run(&self) -> bool {
+        self.overlay.is_some()
+    }
+
+    /// Names the step whose predictions follow (the planner calls it per step).
+    pub fn set_step(&mut self, step: &str) {
+        self.step = Some(step.to_string());
+    }
+
+    /// The step whose predicted effect decides what `path` will be, if any.
+    pub fn predicted_by(&self, path: &Path) -> Option<&str> {
+        let overlay = self.overlay.as_ref()?;
+        let path = normalize(path);
+        path.ancestors()
+            .find(|a| overlay.contains_key(*a))
+            .and_then(|a| self.origins.get(a))
+            .map(String::as_str)
     }
 
     /// The state an earlier step of the plan predicted for `key`, if any. The real
@@ -122,7 +147,9 @@ impl World {
 
     pub fn predict_dir(&mut self, path: &Path) {
         let path = normalize(path);
-        if self.overlay.is_none() {
+        // A directory that is really there needs no prediction: what is below it
+        // stays real (and `is_predicted` false) for the steps after.
+        if self.overlay.is_none() || (!self.is_predicted(&path) && real_node(&path) == Node::Dir) {
             return;
         }
         // Only directories that do not exist (really or as predicted) get an entry, so
@@ -138,7 +165,14 @@ impl World {
             // does not drop the entry just made for the one above it.
             for ancestor in missing.into_iter().rev() {
                 overlay.retain(|p, _| !p.starts_with(&ancestor));
+                self.origins.retain(|p, _| !p.starts_with(&ancestor));
+                if let Some(step) = &self.step {
+                    self.origins.insert(ancestor.clone(), step.clone());
+                }
                 overlay.insert(ancestor, Predicted::Dir);
+            }
+            if let Some(step) = &self.step {
+                self.origins.insert(path.clone(), step.clone());
             }
             overlay.insert(path, Predicted::Dir);
         }
@@ -189,6 +223,10 @@ impl World {
         }
         if let Some(overlay) = &mut self.overlay {
             overlay.retain(|p, _| !p.starts_with(path));
+            self.origins.retain(|p, _| !p.starts_with(path));
+            if let Some(step) = &self.step {
+                self.origins.insert(path.to_path_buf(), step.clone());
+            }
             overlay.insert(path.to_path_buf(), what);
         }
     }
@@ -236,6 +274,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path();
         std::fs::write(base.join("src"), b"hello").unwrap();
+        std::fs::write(base.join("untouched"), b"x").unwrap();
         let mut w = World::predicted();
         assert_eq!(w.node(&base.join("new/sub")), Node::Missing);
         w.predict_dir(&base.join("new/sub"));
@@ -252,6 +291,17 @@ mod tests {
         w.predict_absent(&base.join("new"));
         assert_eq!(w.node(&base.join("new/sub/copy")), Node::Missing);
         assert!(base.join("src").exists(), "predictions touched the disk");
+        // Each prediction remembers the step that made it.
+        w.set_step("make-db");
+        w.predict_file(&base.join("db.sqlite"), Some(4096));
+        assert_eq!(w.predicted_by(&base.join("db.sqlite")), Some("make-db"));
+        assert_eq!(w.predicted_by(&base.join("untouched")), None);
+        assert!(w.is_dry_run() && !World::real().is_dry_run());
+        // A directory that exists needs no prediction: what is in it stays real.
+        w.set_step("ensure-base");
+        w.predict_dir(base);
+        assert!(!w.is_predicted(&base.join("untouched")));
+        assert_eq!(w.predicted_by(base), None);
         // The real world ignores predictions.
         let mut real = World::real();
         real.predict_dir(&base.join("x"));

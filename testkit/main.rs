@@ -14,6 +14,7 @@ mod atocore_sandbox;
 mod atocore_standin;
 mod http;
 mod http_serve;
+mod sqlite_writer;
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -30,6 +31,7 @@ fn main() -> ExitCode {
         "atocore-sandbox" => atocore_sandbox::main(rest),
         "atocore-standin" => atocore_standin::main(rest),
         "http-serve" => http_serve::main(rest),
+        "sqlite-writer" => sqlite_writer::main(rest),
         "version" => {
             println!("runbook-testkit {}", env!("CARGO_PKG_VERSION"));
             let _ = rest;
@@ -64,4 +66,5 @@ const PROGRAMS: &[&str] = &[
     "atocore-sandbox",
     "atocore-standin",
     "atocore-damage",
+    "sqlite-writer",
 ];

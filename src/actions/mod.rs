@@ -11,6 +11,7 @@ pub mod json;
 pub mod process;
 pub mod services;
 pub mod snapshots;
+pub mod sqlite;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -303,6 +304,9 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &services::SystemdStop,
         &services::SystemdStart,
         &services::DockerExec,
+        &sqlite::SqliteBackup,
+        &sqlite::Check,
+        &sqlite::Query,
     ]
 }
 

@@ -14,3 +14,4 @@ mod json;
 mod retention;
 mod schema;
 mod services;
+mod sqlite;

@@ -46,6 +46,9 @@ fn schema_file_matches_the_code() {
             "systemd-stop",
             "systemd-start",
             "docker-exec",
+            "sqlite-backup",
+            "sqlite-check",
+            "sqlite-query",
             "assert",
             "confirm",
             "runbook"
