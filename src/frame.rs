@@ -243,7 +243,7 @@ impl Frame {
         let mut out = Outputs::new();
         for (k, tmpl) in &self.runbook.outputs {
             let v = templates
-                .render_value(tmpl, &self.context())
+                .render_output(tmpl, &self.context())
                 .map_err(|e| format!("output `{k}`: {e}"))?;
             out.insert(k.clone(), v);
         }

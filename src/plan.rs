@@ -289,6 +289,21 @@ impl Planner<'_> {
         let unknown =
             (!reads.is_empty()).then(|| PlanVerdict::Unknown(reads.into_iter().collect()));
         let verdict = match &step.kind {
+            StepKind::Action(action) if unknown.is_some() => {
+                // Some values wait for an earlier step's outputs, but the rest (typically
+                // the path it writes) are known: let the action predict its effect on
+                // them, so the steps after it are judged against it. Its verdict stays
+                // unknown, and so is anything it would say about the placeholders.
+                let ctx = ActionCtx {
+                    roots: frame.roots.clone(),
+                    state_dir: self.state_dir.clone(),
+                    deadline: None,
+                    progress: false,
+                    probe: false,
+                };
+                let _ = action.preflight(&args, world, &ctx);
+                unknown.unwrap_or(PlanVerdict::Unknown(Vec::new()))
+            }
             StepKind::Action(action) => unknown.unwrap_or_else(|| {
                 let ctx = ActionCtx {
                     roots: frame.roots.clone(),

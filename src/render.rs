@@ -2,8 +2,6 @@
 
 use std::io::Write;
 
-use serde::Serialize;
-
 use crate::events::{Event, EventSink, SinkError};
 use crate::journal::{RunRecord, RunSummary};
 use crate::plan::{Plan, PlannedStep};
@@ -26,22 +24,20 @@ pub struct Reporter {
     pub run_id: String,
 }
 
-#[derive(Serialize)]
-struct Tagged<'a> {
-    run_id: &'a str,
-    #[serde(flatten)]
-    event: &'a Event,
-}
-
 impl EventSink for Reporter {
     fn on_event(&mut self, event: &Event) -> Result<(), SinkError> {
         let mut out = std::io::stdout().lock();
         if self.format == Format::Json {
-            let line = serde_json::to_string(&Tagged {
-                run_id: &self.run_id,
-                event,
-            })
-            .unwrap_or_default();
+            // Every line carries the run id, once, first.
+            let mut line = serde_json::Map::new();
+            line.insert(
+                "run_id".into(),
+                serde_json::Value::String(self.run_id.clone()),
+            );
+            if let Ok(serde_json::Value::Object(fields)) = serde_json::to_value(event) {
+                line.extend(fields.into_iter().filter(|(k, _)| k != "run_id"));
+            }
+            let line = serde_json::Value::Object(line).to_string();
             let _ = writeln!(out, "{line}");
             return Ok(());
         }

@@ -187,6 +187,21 @@ impl Templates {
     /// is a list or a map gives that list or map (so `argv: "{{ service_argv }}"` is an
     /// argv); everything else renders to a string.
     pub fn render_value(&self, source: &str, ctx: &Value) -> Result<serde_json::Value, String> {
+        self.render_typed(source, ctx, false)
+    }
+
+    /// As [`Templates::render_value`], and booleans and numbers keep their type too
+    /// (a runbook's outputs: `valid: true`, not `"true"`).
+    pub fn render_output(&self, source: &str, ctx: &Value) -> Result<serde_json::Value, String> {
+        self.render_typed(source, ctx, true)
+    }
+
+    fn render_typed(
+        &self,
+        source: &str,
+        ctx: &Value,
+        scalars: bool,
+    ) -> Result<serde_json::Value, String> {
         let trimmed = source.trim();
         let whole = trimmed
             .strip_prefix("{{")
@@ -194,10 +209,13 @@ impl Templates {
             .filter(|inner| !inner.contains("{{") && !inner.contains("}}"));
         if let Some(inner) = whole {
             let value = self.eval(inner, ctx)?;
-            if matches!(
-                value.kind(),
-                minijinja::value::ValueKind::Seq | minijinja::value::ValueKind::Map
-            ) {
+            use minijinja::value::ValueKind;
+            let typed = match value.kind() {
+                ValueKind::Seq | ValueKind::Map => true,
+                ValueKind::Bool | ValueKind::Number | ValueKind::None => scalars,
+                _ => false,
+            };
+            if typed {
                 return serde_json::to_value(&value).map_err(|e| e.to_string());
             }
         }

@@ -359,7 +359,7 @@ fn sigkill_at_any_point_loses_nothing() {
         String::from("version: 1\nparams:\n  tag: {type: string, required: true}\nsteps:\n");
     for i in 0..12 {
         text.push_str(&format!(
-            "  - id: s{i}\n    action: exec\n    idempotent: true\n    with: {{argv: [sh, -c, \"echo s{i} >> log-$0\", \"{{{{ tag }}}}\"]}}\n"
+            "  - id: s{i}\n    action: exec\n    idempotent: true\n    with: {{argv: [sh, -c, \"echo s{i} >> log-$0; sleep 0.05\", \"{{{{ tag }}}}\"]}}\n"
         ));
     }
     sb.write("runbooks/many.yaml", &text);

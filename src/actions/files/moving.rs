@@ -22,6 +22,10 @@ pub struct MoveArgs {
     pub from: PathBuf,
     /// The new path (not a directory to move into); it must not exist and its parent must.
     pub to: PathBuf,
+    /// A missing `from` (and missing `to`) is no change instead of a failure, e.g. a
+    /// database's `-wal` file, which exists only after an unclean stop.
+    #[serde(default)]
+    pub if_exists: bool,
 }
 
 pub struct Move;
@@ -56,6 +60,12 @@ impl Action for Move {
                 show(&args.to)
             ));
         }
+        if from == Node::Missing && args.if_exists {
+            return Verdict::NoChange(format!(
+                "{} does not exist; nothing to move (if_exists)",
+                show(&args.from)
+            ));
+        }
         if from == Node::Missing {
             return Verdict::WouldFail(format!("{} does not exist", show(&args.from)));
         }
@@ -77,7 +87,7 @@ impl Action for Move {
         let to_exists = fs::symlink_metadata(&args.to).is_ok();
         // An earlier attempt may have finished: the data is at `to` and `from` is gone.
         let Some(meta) = from_meta else {
-            return if to_exists {
+            return if to_exists || args.if_exists {
                 Ok(outputs(args, false, false))
             } else {
                 Err(ActionError::Failed(format!(
