@@ -128,6 +128,7 @@ pub fn dispatch(cli: &Cli) -> Exit {
         } => app.rollback(run_id, inputs, *accept_changes),
         Command::Runs => app.runs(),
         Command::Show { run_id } => app.show(run_id),
+        Command::Drill { keep, dir } => app.drill(*keep, dir.clone()),
         Command::Schema => {
             print!("{}", crate::schema::runbook_schema_text());
             Ok(Exit::Success)
@@ -649,6 +650,58 @@ impl App<'_> {
             executor.rollback(run_id, frame, start)?
         } else {
             executor.run(run_id, frame, start)?
+        })
+    }
+
+    fn drill(&self, keep: bool, dir: Option<PathBuf>) -> Result<Exit, AppError> {
+        use crate::drill::{Drill, default_dir, junit, testkit_path, text_line, text_summary};
+        let dir = crate::world::normalize(&dir.unwrap_or_else(default_dir));
+        let text = self.cli.format == Format::Text;
+        if text {
+            println!("drill: sandbox in {}", dir.display());
+        }
+        let runbook = std::env::current_exe()
+            .map_err(|e| AppError::Internal(format!("cannot find this binary: {e}")))?;
+        let drill = Drill {
+            runbook,
+            testkit: testkit_path(),
+            search_path: self
+                .cli
+                .path
+                .iter()
+                .map(|p| crate::world::normalize(p))
+                .collect(),
+            dir: dir.clone(),
+            on_stage: Box::new(move |n, stage| {
+                if text {
+                    println!("{}", text_line(n, stage));
+                }
+            }),
+        };
+        let report = drill.run().map_err(|e| AppError::Refused(e.to_string()))?;
+        match self.cli.format {
+            Format::Text => print!("{}", text_summary(&report)),
+            Format::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(&report).unwrap_or_default()
+            ),
+            Format::Junit => print!("{}", junit(&report)),
+        }
+        if keep {
+            if text {
+                println!(
+                    "sandbox kept: {} (journal: RUNBOOK_STATE_DIR={}/state runbook runs)",
+                    dir.display(),
+                    dir.display()
+                );
+            }
+        } else {
+            let _ = std::fs::remove_dir_all(&dir);
+        }
+        Ok(if report.ok {
+            Exit::Success
+        } else {
+            Exit::StepFailed
         })
     }
 

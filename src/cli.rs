@@ -16,6 +16,7 @@ Examples:
   runbook run atocore/restore --set stamp=20260407T060000Z --vars env/dalidou.yaml
   runbook runs                                   history, newest first
   runbook resume RUN_ID                          continue an interrupted or failed run
+  runbook drill                                  the whole AtoCore backup/restore drill on a sandbox
 
 Exit codes: 0 success, 1 a step failed, 2 invalid input, 3 refused (a step would
 fail, lock held, runbook changed, step needs checking), 4 internal error.";
@@ -130,6 +131,17 @@ pub enum Command {
     Show { run_id: String },
     /// Print the JSON Schema of the runbook format.
     Schema,
+    /// The AtoCore restore drill on a sandbox it builds: backup, list, validate, damage,
+    /// restore, verify, a forced failed restore that rolls back, the scratch-instance
+    /// drill and a retention dry-run. Prints each stage and the time to restore.
+    Drill {
+        /// Leave the sandbox (data, journal, service log) for inspection.
+        #[arg(long)]
+        keep: bool,
+        /// Build the sandbox here (default: a new directory under the temp dir).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 pub fn run() -> i32 {

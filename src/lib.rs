@@ -3,6 +3,7 @@ pub mod app;
 pub mod catalog;
 pub mod cli;
 pub mod diagnostic;
+pub mod drill;
 pub mod events;
 pub mod executor;
 pub mod exit;

@@ -10,6 +10,8 @@ use crate::plan::{Plan, PlannedStep};
 pub enum Format {
     Text,
     Json,
+    /// JUnit XML (`runbook drill` only; elsewhere it means text).
+    Junit,
 }
 
 fn secs(d: std::time::Duration) -> String {

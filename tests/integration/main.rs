@@ -4,6 +4,7 @@ mod support;
 
 mod atocore_standin;
 mod daemon;
+mod drill;
 mod dry_run;
 mod errors;
 mod files;
