@@ -542,6 +542,60 @@ fn summary_of(states: &BTreeMap<String, ServiceState>) -> String {
 
 pub struct ComposeStop;
 
+/// What a compose step wants its services to be.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Goal {
+    Stopped,
+    Running,
+}
+
+/// The plan of compose-stop and compose-start: read-only (`config --services`, `ps`,
+/// `docker inspect`), and the services' new state predicted for the steps after.
+fn compose_preflight(args: &ComposeArgs, world: &mut World, goal: Goal) -> Verdict {
+    let (verb, state, done_word, extra) = match goal {
+        Goal::Stopped => ("stop", "stopped", "already stopped", ""),
+        Goal::Running => (
+            "start",
+            "running",
+            "already running",
+            " and wait until ready",
+        ),
+    };
+    let judged = match judge(args, world) {
+        Ok(j) => j,
+        Err(e) => return Verdict::WouldFail(e),
+    };
+    let verdict = judged.deferred(verb, args);
+    for s in &args.services {
+        judged.record(world, s, state);
+    }
+    if let Some(v) = verdict {
+        return v;
+    }
+    let mut todo = Vec::new();
+    let mut already = Vec::new();
+    for s in &args.services {
+        let (running, how) = judged.running(s).unwrap_or_default();
+        let line = format!("`{s}` ({how})");
+        if running == (goal == Goal::Running) {
+            already.push(line);
+        } else {
+            todo.push(line);
+        }
+    }
+    if todo.is_empty() {
+        Verdict::NoChange(format!("{done_word}: {}", already.join(", ")))
+    } else if already.is_empty() {
+        Verdict::WillChange(format!("{verb} {}{extra}", todo.join(", ")))
+    } else {
+        Verdict::WillChange(format!(
+            "{verb} {}{extra}; {done_word}: {}",
+            todo.join(", "),
+            already.join(", ")
+        ))
+    }
+}
+
 impl Action for ComposeStop {
     type Args = ComposeArgs;
     const NAME: &'static str = "compose-stop";
@@ -558,38 +612,7 @@ impl Action for ComposeStop {
     }
 
     fn preflight(&self, args: &ComposeArgs, world: &mut World, _: &ActionCtx) -> Verdict {
-        let judged = match judge(args, world) {
-            Ok(j) => j,
-            Err(e) => return Verdict::WouldFail(e),
-        };
-        let verdict = judged.deferred("stop", args);
-        for s in &args.services {
-            judged.record(world, s, "stopped");
-        }
-        if let Some(v) = verdict {
-            return v;
-        }
-        let mut stop = Vec::new();
-        let mut already = Vec::new();
-        for s in &args.services {
-            let (running, how) = judged.running(s).unwrap_or_default();
-            if running {
-                stop.push(format!("`{s}` ({how})"));
-            } else {
-                already.push(format!("`{s}` ({how})"));
-            }
-        }
-        if stop.is_empty() {
-            Verdict::NoChange(format!("already stopped: {}", already.join(", ")))
-        } else if already.is_empty() {
-            Verdict::WillChange(format!("stop {}", stop.join(", ")))
-        } else {
-            Verdict::WillChange(format!(
-                "stop {}; already stopped: {}",
-                stop.join(", "),
-                already.join(", ")
-            ))
-        }
+        compose_preflight(args, world, Goal::Stopped)
     }
 
     fn execute(&self, args: &ComposeArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
@@ -643,38 +666,7 @@ impl Action for ComposeStart {
     }
 
     fn preflight(&self, args: &ComposeArgs, world: &mut World, _: &ActionCtx) -> Verdict {
-        let judged = match judge(args, world) {
-            Ok(j) => j,
-            Err(e) => return Verdict::WouldFail(e),
-        };
-        let verdict = judged.deferred("start", args);
-        for s in &args.services {
-            judged.record(world, s, "running");
-        }
-        if let Some(v) = verdict {
-            return v;
-        }
-        let mut start = Vec::new();
-        let mut already = Vec::new();
-        for s in &args.services {
-            let (running, how) = judged.running(s).unwrap_or_default();
-            if running {
-                already.push(format!("`{s}` ({how})"));
-            } else {
-                start.push(format!("`{s}` ({how})"));
-            }
-        }
-        if start.is_empty() {
-            Verdict::NoChange(format!("already running: {}", already.join(", ")))
-        } else if already.is_empty() {
-            Verdict::WillChange(format!("start {} and wait until ready", start.join(", ")))
-        } else {
-            Verdict::WillChange(format!(
-                "start {} and wait until ready; already running: {}",
-                start.join(", "),
-                already.join(", ")
-            ))
-        }
+        compose_preflight(args, world, Goal::Running)
     }
 
     fn execute(&self, args: &ComposeArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
