@@ -61,6 +61,17 @@ pub struct Executor<'a> {
     pub assume_yes: bool,
 }
 
+/// Fault injection for the interrupted-attempt tests: `RUNBOOK_FAILPOINT=before:KEY`
+/// (or `after:KEY`) makes the engine SIGKILL itself right before (or right after) the
+/// side effect of step KEY — after its intent is journaled, before its result is. Only
+/// the tests set it; it is the same death as `kill -9` at that instant.
+fn failpoint(when: &str, key: &str) {
+    if std::env::var("RUNBOOK_FAILPOINT").is_ok_and(|p| p.split_once(':') == Some((when, key))) {
+        // SAFETY: sends a signal to this very process.
+        unsafe { libc::kill(libc::getpid(), libc::SIGKILL) };
+    }
+}
+
 /// The operator's answer to a `confirm` step: `--yes`, or asked on the terminal. This
 /// is the one place the executor talks to the terminal itself: a question cannot wait
 /// for a renderer.
@@ -410,7 +421,12 @@ impl Executor<'_> {
                     let result = match kind.preflight(&args, &mut crate::world::World::real(), &ctx)
                     {
                         Verdict::WouldFail(why) => Err(format!("precondition failed: {why}")),
-                        _ => kind.execute(&args, &ctx).map_err(|e| e.to_string()),
+                        _ => {
+                            failpoint("before", key);
+                            let r = kind.execute(&args, &ctx).map_err(|e| e.to_string());
+                            failpoint("after", key);
+                            r
+                        }
                     };
                     match result {
                         Ok(outputs) => {

@@ -10,6 +10,7 @@ mod errors;
 mod files;
 mod gates;
 mod http;
+mod interrupted;
 mod journal;
 mod json;
 mod retention;
