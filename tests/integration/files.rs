@@ -398,3 +398,35 @@ steps:
     );
     assert_eq!(tree_digest(sb.path()), before, "the plan wrote something");
 }
+
+/// On a terminal (a pty from util-linux `script`), a large tree copy draws a progress bar.
+#[test]
+fn a_large_copy_shows_progress_on_a_terminal_only() {
+    let sb = Sandbox::new();
+    fs::create_dir_all(sb.p("big")).unwrap();
+    for i in 0..3 {
+        fs::write(sb.p(&format!("big/part{i}")), vec![i as u8; 25 << 20]).unwrap();
+    }
+    sb.write(
+        "runbooks/big.yaml",
+        "version: 1\nsteps:\n  - id: copy\n    action: copy\n    with: {from: big, to: big-copy}\n",
+    );
+    let bin = env!("CARGO_BIN_EXE_runbook");
+    let on_tty = std::process::Command::new("script")
+        .args(["-qec", &format!("{bin} run big"), "/dev/null"])
+        .current_dir(sb.path())
+        .env("RUNBOOK_STATE_DIR", sb.p("state"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&on_tty.stdout);
+    assert!(on_tty.status.success(), "{text}");
+    assert!(
+        text.contains("copy to big-copy"),
+        "no progress bar on a terminal: {text}"
+    );
+    fs::remove_dir_all(sb.p("big-copy")).unwrap();
+    // Without a terminal (CI, pipes) nothing is drawn.
+    let piped = sb.run(&["run", "big"]);
+    assert_eq!(piped.code, 0, "{piped:?}");
+    assert!(!piped.stderr.contains("copy to"), "{piped:?}");
+}
