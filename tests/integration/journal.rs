@@ -496,6 +496,7 @@ outputs:
   failed: "{{ ['first', 'second'] | select('in', ['second'] if steps.second.status == 'failed' else []) | list }}"
   errors: "{{ [steps.first.error, steps.second.error] | select | list }}"
   said: "{{ steps.tool.outputs.stdout }}"
+  joined: "{{ ['first'] + (['second'] if steps.second.status == 'failed' else []) }}"
 "#,
     );
     let r = sb.run(&["run", "report", "--format", "json"]);
@@ -508,11 +509,15 @@ outputs:
         serde_json::json!(["false failed with exit code 1"])
     );
     assert_eq!(last["outputs"]["said"], "from a list");
+    assert_eq!(
+        last["outputs"]["joined"],
+        serde_json::json!(["first", "second"])
+    );
     let text = sb.run(&["run", "report", "--set", r#"tool_argv=["echo", "x"]"#]);
     assert!(
         text.stdout
             .contains("  FAILED   second: false failed with exit code 1\n"),
         "{text:?}"
     );
-    assert!(text.stdout.ends_with("\n  output failed = [\"second\"]\n  output errors = [\"false failed with exit code 1\"]\n  output said = x\n"), "{text:?}");
+    assert!(text.stdout.ends_with("\n  output failed = [\"second\"]\n  output errors = [\"false failed with exit code 1\"]\n  output said = x\n  output joined = [\"first\",\"second\"]\n"), "{text:?}");
 }
