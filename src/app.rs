@@ -402,6 +402,7 @@ impl App<'_> {
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             pid: std::process::id(),
             files: rb.files(),
+            inputs: recorded_inputs(&rb, &inputs),
             steps: rb
                 .steps
                 .iter()
@@ -476,8 +477,12 @@ impl App<'_> {
         inputs: &Inputs,
     ) -> Result<(Frame, ParamInputs), AppError> {
         let given = self.inputs(inputs)?;
+        // The run's own --vars values first (called runbooks read their params from
+        // them), then this command's --vars, then the run's frozen params.
+        let mut files = record.inputs.clone();
+        files.extend(given.files.clone());
         let mut inputs = ParamInputs {
-            files: given.files.clone(),
+            files,
             sets: Default::default(),
         };
         for spec in &rb.params {
@@ -755,4 +760,19 @@ fn exit_for(status: RunStatus, stop: Option<&Stop>) -> Exit {
         (_, Some(Stop::NeedsOperator { .. })) => Exit::Refused,
         _ => Exit::StepFailed,
     }
+}
+
+/// The `--vars` values a resume or rollback must give the run's runbooks again: those
+/// any of them declares as a param, except secrets (never stored).
+fn recorded_inputs(
+    rb: &Runbook,
+    inputs: &ParamInputs,
+) -> indexmap::IndexMap<String, serde_json::Value> {
+    let params = rb.call_tree_params();
+    inputs
+        .files
+        .iter()
+        .filter(|(k, _)| params.get(*k) == Some(&false))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
 }

@@ -77,6 +77,10 @@ pub struct RunHeader {
     /// Every runbook file of the run with its text: resume compares against these.
     #[serde(skip)]
     pub files: Vec<(PathBuf, String)>,
+    /// The `--vars` values the run's runbooks declare as params (secrets left out):
+    /// resume and rollback give them to called runbooks again.
+    #[serde(skip)]
+    pub inputs: IndexMap<String, Json>,
     /// Main steps of the top runbook, in order: recorded as pending.
     pub steps: Vec<(String, &'static str)>,
 }

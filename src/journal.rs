@@ -90,6 +90,9 @@ pub struct RunRecord {
     pub files: Vec<(PathBuf, String)>,
     #[serde(skip)]
     pub frames: HashMap<String, IndexMap<String, String>>,
+    /// See [`crate::events::RunHeader::inputs`]; empty for runs recorded before them.
+    #[serde(skip)]
+    pub inputs: IndexMap<String, Json>,
 }
 
 fn now() -> String {
@@ -104,6 +107,8 @@ CREATE TABLE IF NOT EXISTS runs (
   status TEXT NOT NULL, started_at TEXT NOT NULL, finished_at TEXT, error TEXT);
 CREATE TABLE IF NOT EXISTS run_files (
   run_id TEXT NOT NULL, path TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (run_id, path));
+CREATE TABLE IF NOT EXISTS run_inputs (
+  run_id TEXT PRIMARY KEY, inputs TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS frames (
   run_id TEXT NOT NULL, key TEXT NOT NULL, vars TEXT NOT NULL, PRIMARY KEY (run_id, key));
 CREATE TABLE IF NOT EXISTS steps (
@@ -184,6 +189,14 @@ impl Journal {
                         h.lock,
                         h.pid,
                         h.started_at
+                    ],
+                )
+                .map_err(&e)?;
+                tx.execute(
+                    "INSERT INTO run_inputs (run_id, inputs) VALUES (?1, ?2)",
+                    params![
+                        h.run_id,
+                        serde_json::to_string(&h.inputs).unwrap_or_default()
                     ],
                 )
                 .map_err(&e)?;
@@ -431,7 +444,19 @@ impl Journal {
             .into_iter()
             .map(|(k, v)| (k, serde_json::from_str(&v).unwrap_or_default()))
             .collect();
+        let inputs: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT inputs FROM run_inputs WHERE run_id = ?1",
+                [run_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&e)?;
         Ok(RunRecord {
+            inputs: inputs
+                .and_then(|i| serde_json::from_str(&i).ok())
+                .unwrap_or_default(),
             summary,
             path: PathBuf::from(path),
             content_hash,

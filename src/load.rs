@@ -163,6 +163,27 @@ impl Runbook {
         hash_files(&self.files())
     }
 
+    /// Every param of this runbook and of the runbooks it calls (transitively), with
+    /// whether any of them declares it secret.
+    pub fn call_tree_params(&self) -> BTreeMap<String, bool> {
+        fn walk(rb: &Runbook, seen: &mut BTreeSet<PathBuf>, out: &mut BTreeMap<String, bool>) {
+            if !seen.insert(rb.source.path.clone()) {
+                return;
+            }
+            for p in &rb.params {
+                *out.entry(p.name.clone()).or_default() |= p.secret;
+            }
+            for step in rb.steps.iter().chain(&rb.rollback) {
+                if let StepKind::Call(child) = &step.kind {
+                    walk(child, seen, out);
+                }
+            }
+        }
+        let mut out = BTreeMap::new();
+        walk(self, &mut BTreeSet::new(), &mut out);
+        out
+    }
+
     pub fn secret_names(&self) -> BTreeSet<String> {
         self.params
             .iter()

@@ -141,6 +141,8 @@ enum Known {
     Status(&'static str),
     /// A local read-only check that the plan ran: its outputs or its error.
     Ran(Result<crate::actions::Outputs, String>),
+    /// Its `when` is known to be false: skipped, with no outputs, as the run records it.
+    Skipped,
 }
 
 pub struct Planner<'a> {
@@ -192,6 +194,7 @@ impl Planner<'_> {
                     duration: 0.0,
                     error: Some(error),
                 },
+                Known::Skipped => StepState::done("skipped", Default::default()),
             };
             frame.steps.insert(step.id.clone(), state);
             out.push(planned);
@@ -272,6 +275,7 @@ impl Planner<'_> {
                     }
                     if !value {
                         planned.verdict = PlanVerdict::Skipped(format!("when `{when}` is false"));
+                        *known = Known::Skipped;
                         return planned;
                     }
                 }

@@ -184,7 +184,7 @@ impl Templates {
     }
 
     /// Renders a template to JSON. A template that is one `{{ expression }}` whose value
-    /// is a list or a map gives that list or map (so `argv: "{{ service_argv }}"` is an
+    /// is a list (or a concatenation of lists) or a map gives that list or map (so `argv: "{{ service_argv }}"` is an
     /// argv); everything else renders to a string.
     pub fn render_value(&self, source: &str, ctx: &Value) -> Result<serde_json::Value, String> {
         self.render_typed(source, ctx, false)
@@ -211,7 +211,8 @@ impl Templates {
             let value = self.eval(inner, ctx)?;
             use minijinja::value::ValueKind;
             let typed = match value.kind() {
-                ValueKind::Seq | ValueKind::Map => true,
+                // `a + b` of two lists is a lazy iterable, still a list to the reader.
+                ValueKind::Seq | ValueKind::Map | ValueKind::Iterable => true,
                 ValueKind::Bool | ValueKind::Number | ValueKind::None => scalars,
                 _ => false,
             };

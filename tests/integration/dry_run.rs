@@ -245,3 +245,46 @@ fn remove_is_refused_outside_roots_and_for_empty_renderings() {
     assert_eq!(run.code, 3);
     assert_eq!(sb.read("keep/precious"), "x");
 }
+
+#[test]
+fn a_step_the_plan_skips_is_known_skipped_to_the_steps_after_it() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/gate.yaml",
+        r#"version: 1
+params:
+  extra: {type: bool, default: false}
+steps:
+  - id: missing
+    action: path-check
+    on_failure: continue
+    with: {path: "{root}/missing"}
+  - id: optional
+    action: path-check
+    when: extra
+    with: {path: "{root}"}
+  - id: verdict
+    action: assert
+    with:
+      that: "steps.missing.status != 'failed' and steps.optional.status != 'failed'"
+      message: "missing is {{ steps.missing.status }}, optional is {{ steps.optional.status }}"
+"#,
+    );
+    let before = tree_digest(sb.path());
+    let r = sb.run(&["plan", "gate"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(
+        sb.redact(&r.stdout).lines().skip(3).collect::<Vec<_>>(),
+        [
+            "steps:",
+            "  may fail    missing   path-check: `{root}/missing`: does not exist",
+            "  skipped     optional  path-check: when `extra` is false",
+            "  would fail  verdict   assert: missing is failed, optional is skipped",
+            "3 steps: 0 will change, 0 no change, 0 unknown, 1 skipped, 1 would fail, 1 may fail (on_failure: continue)",
+        ],
+        "{r:?}"
+    );
+    let run = sb.run(&["run", "gate"]);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert_eq!(tree_digest(sb.path()), before, "the plan wrote something");
+}

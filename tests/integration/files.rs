@@ -430,3 +430,28 @@ fn a_large_copy_shows_progress_on_a_terminal_only() {
     assert_eq!(piped.code, 0, "{piped:?}");
     assert!(!piped.stderr.contains("copy to"), "{piped:?}");
 }
+
+#[test]
+fn path_check_with_sha256_of_a_missing_file_would_fail_and_does_not_panic() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/sum.yaml",
+        "version: 1\nsteps:\n  - id: sum\n    action: path-check\n    with: {path: missing.db, type: file, sha256: true}\n",
+    );
+    let before = tree_digest(sb.path());
+    let plan = sb.run(&["plan", "sum"]);
+    assert_eq!(plan.code, 3, "{plan:?}");
+    assert_eq!(
+        plan.stdout.lines().skip(1).collect::<Vec<_>>(),
+        [
+            "steps:",
+            "  would fail  sum  path-check: `missing.db`: does not exist",
+            "1 steps: 0 will change, 0 no change, 0 unknown, 0 skipped, 1 would fail",
+        ],
+        "{plan:?}"
+    );
+    assert_eq!(plan.stderr, "", "{plan:?}");
+    let run = sb.run(&["run", "sum"]);
+    assert_eq!(run.code, 3, "{run:?}");
+    assert_eq!(tree_digest(sb.path()), before, "the plan wrote something");
+}

@@ -496,6 +496,7 @@ outputs:
   failed: "{{ ['first', 'second'] | select('in', ['second'] if steps.second.status == 'failed' else []) | list }}"
   errors: "{{ [steps.first.error, steps.second.error] | select | list }}"
   said: "{{ steps.tool.outputs.stdout }}"
+  joined: "{{ ['first'] + (['second'] if steps.second.status == 'failed' else []) }}"
 "#,
     );
     let r = sb.run(&["run", "report", "--format", "json"]);
@@ -508,11 +509,79 @@ outputs:
         serde_json::json!(["false failed with exit code 1"])
     );
     assert_eq!(last["outputs"]["said"], "from a list");
+    assert_eq!(
+        last["outputs"]["joined"],
+        serde_json::json!(["first", "second"])
+    );
     let text = sb.run(&["run", "report", "--set", r#"tool_argv=["echo", "x"]"#]);
     assert!(
         text.stdout
             .contains("  FAILED   second: false failed with exit code 1\n"),
         "{text:?}"
     );
-    assert!(text.stdout.ends_with("\n  output failed = [\"second\"]\n  output errors = [\"false failed with exit code 1\"]\n  output said = x\n"), "{text:?}");
+    assert!(text.stdout.ends_with("\n  output failed = [\"second\"]\n  output errors = [\"false failed with exit code 1\"]\n  output said = x\n  output joined = [\"first\",\"second\"]\n"), "{text:?}");
+}
+
+#[test]
+fn resume_gives_called_runbooks_the_runs_vars_file_values_but_stores_no_secret() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/parent.yaml",
+        r#"version: 1
+steps:
+  - id: wait
+    action: exec
+    idempotent: true
+    with: {argv: [sh, -c, "echo wait >> count.log; while [ ! -e go ]; do sleep 0.02; done"]}
+  - id: child
+    action: runbook
+    with: {name: child}
+"#,
+    );
+    sb.write(
+        "runbooks/child.yaml",
+        r#"version: 1
+params:
+  greeting: {type: string, default: from the default}
+  token: {type: string, secret: true, default: none}
+steps:
+  - id: say
+    action: exec
+    with: {argv: [sh, -c, "echo \"$0\" >> said.log", "{{ greeting }}"]}
+"#,
+    );
+    sb.write(
+        "deploy.yaml",
+        "greeting: from the vars file\ntoken: s3cret-token\nunrelated: not-a-param\n",
+    );
+    let mut child = sb.spawn(&["run", "parent", "--vars", "deploy.yaml"]);
+    let mut first = String::new();
+    BufReader::new(child.stdout.as_mut().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let id = first.split_whitespace().nth(1).unwrap().to_string();
+    sb.wait_for("the wait step", || count_lines(&sb) == ["wait"]);
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    sb.write("go", "");
+
+    // No --vars this time: the child still gets the run's greeting.
+    let r = sb.run(&["resume", &id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(sb.read("said.log"), "from the vars file\n");
+    let mut journal = std::fs::read(sb.p("state/journal.db")).unwrap();
+    journal.extend(std::fs::read(sb.p("state/journal.db-wal")).unwrap_or_default());
+    let text = String::from_utf8_lossy(&journal);
+    assert!(
+        text.contains("from the vars file"),
+        "the inputs are journaled"
+    );
+    assert!(
+        !text.contains("s3cret-token"),
+        "a secret reached the journal"
+    );
+    assert!(
+        !text.contains("not-a-param"),
+        "an undeclared key reached the journal"
+    );
 }

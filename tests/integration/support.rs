@@ -4,6 +4,8 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Instant, SystemTime};
 
 use sha2::{Digest, Sha256};
 
@@ -214,4 +216,155 @@ impl Drop for HttpServer {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+// ------------------------------------------------------------ docker and the image
+// (the service tests and the AtoCore compose test build and use the same image)
+
+pub fn docker(args: &[&str]) -> Output {
+    Command::new("docker")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run `docker`: {e}; Docker is required for these tests"))
+}
+
+/// Runs docker; its stdout, trimmed. Panics with its stderr when it fails.
+pub fn docker_ok(args: &[&str]) -> String {
+    let out = docker(args);
+    assert!(
+        out.status.success(),
+        "docker {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// Fails the test (never skips it) when the Docker engine does not answer.
+pub fn require_docker() {
+    static CHECK: OnceLock<Result<(), String>> = OnceLock::new();
+    let result = CHECK.get_or_init(|| {
+        match Command::new("docker")
+            .args(["info", "--format", "{{.ServerVersion}}"])
+            .stdin(Stdio::null())
+            .output()
+        {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(String::from_utf8_lossy(&o.stderr).trim().to_string()),
+            Err(e) => Err(format!("cannot run `docker`: {e}")),
+        }
+    });
+    if let Err(e) = result {
+        panic!(
+            "Docker is required for the service tests: `docker info` failed: {e}. Start the Docker engine (these tests do not skip)."
+        );
+    }
+}
+
+fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
+    let mut newest = SystemTime::UNIX_EPOCH;
+    for root in paths {
+        for entry in walkdir::WalkDir::new(root).into_iter().flatten() {
+            if let Some(m) = entry.metadata().ok().and_then(|m| m.modified().ok()) {
+                newest = newest.max(m);
+            }
+        }
+    }
+    newest
+}
+
+/// The testkit built static (`crt-static`, rusqlite bundled) so that it runs in a
+/// `FROM scratch` image. Built once; reused while it is newer than the testkit's
+/// sources and the manifest (the testkit does not use the `runbook` library).
+pub fn static_testkit() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        // target/debug/runbook-testkit -> target
+        let target_dir = Path::new(env!("CARGO_BIN_EXE_runbook-testkit"))
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .to_path_buf();
+        let triple = "x86_64-unknown-linux-gnu";
+        let bin = target_dir.join(triple).join("release/runbook-testkit");
+        let sources = newest_mtime(&[
+            root.join("testkit"),
+            root.join("Cargo.toml"),
+            root.join("Cargo.lock"),
+        ]);
+        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+        if built.is_some_and(|b| b >= sources) {
+            return bin;
+        }
+        let started = Instant::now();
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let out = Command::new(cargo)
+            .args(["build", "--release", "--locked", "--target", triple])
+            .args(["--bin", "runbook-testkit", "--target-dir"])
+            .arg(&target_dir)
+            .env("RUSTFLAGS", "-C target-feature=+crt-static")
+            .current_dir(root)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run cargo");
+        assert!(
+            out.status.success(),
+            "building the static runbook-testkit failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Cargo may find it fresh without relinking; mark it as checked now.
+        std::fs::File::options()
+            .append(true)
+            .open(&bin)
+            .and_then(|f| f.set_modified(SystemTime::now()))
+            .unwrap();
+        eprintln!(
+            "built the static runbook-testkit in {:.1}s",
+            started.elapsed().as_secs_f64()
+        );
+        bin
+    })
+    .clone()
+}
+
+/// `runbook-test/health:<hash of the binary>`, built from a temp context with
+/// `FROM scratch`; nothing is pulled. The tag names the content, so tests of other
+/// checkouts running at the same time never see each other's image.
+pub fn image() -> &'static str {
+    static IMAGE: OnceLock<String> = OnceLock::new();
+    IMAGE.get_or_init(|| {
+        require_docker();
+        let bin = static_testkit();
+        let bytes = std::fs::read(&bin).unwrap();
+        let hash = runbook::actions::files::hex(&Sha256::digest(&bytes));
+        let tag = format!("runbook-test/health:{}", &hash[..12]);
+        if docker(&["image", "inspect", &tag]).status.success() {
+            return tag;
+        }
+        let ctx = tempfile::tempdir().unwrap();
+        std::fs::write(ctx.path().join("runbook-testkit"), &bytes).unwrap();
+        std::fs::set_permissions(
+            ctx.path().join("runbook-testkit"),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        std::fs::write(
+            ctx.path().join("Dockerfile"),
+            "FROM scratch\nCOPY runbook-testkit /runbook-testkit\nENTRYPOINT [\"/runbook-testkit\", \"health-serve\"]\nCMD [\"--port\", \"8080\"]\n",
+        )
+        .unwrap();
+        docker_ok(&["build", "-q", "-t", &tag, &ctx.path().display().to_string()]);
+        tag
+    })
+}
+
+/// A port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }

@@ -229,7 +229,15 @@ impl Action for PathCheck {
 
     fn execute(&self, args: &PathCheckArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
         let (problems, mut found) = Self::problems(args).map_err(ActionError::Failed)?;
-        if args.sha256 && found["type"] == json!("file") {
+        if !problems.is_empty() {
+            return Err(ActionError::Failed(format!(
+                "{}: {}",
+                args.path.display(),
+                problems.join("; ")
+            )));
+        }
+        // A missing path (`exists: false`) has no `type`.
+        if args.sha256 && found.get("type") == Some(&json!("file")) {
             found.insert(
                 "sha256".into(),
                 json!(
@@ -238,14 +246,6 @@ impl Action for PathCheck {
                 ),
             );
         }
-        if problems.is_empty() {
-            Ok(found)
-        } else {
-            Err(ActionError::Failed(format!(
-                "{}: {}",
-                args.path.display(),
-                problems.join("; ")
-            )))
-        }
+        Ok(found)
     }
 }
