@@ -80,3 +80,55 @@ fn a_stale_pidfile_of_a_reused_pid_is_not_the_daemon() {
     );
     assert!(alive(1));
 }
+
+/// Killed right before or right after starting (or stopping) the daemon, the resumed
+/// run ends with exactly one daemon running (or none).
+#[test]
+fn an_interrupted_daemon_start_or_stop_resumes_to_one_daemon_or_none() {
+    for point in ["before", "after"] {
+        let sb = Sandbox::new();
+        sb.write(
+            "runbooks/svc.yaml",
+            "version: 1\nparams:\n  action: {type: string, default: start}\nsteps:\n  - id: start\n    action: daemon-start\n    when: action == 'start'\n    with: {argv: [sleep, \"60\"], pidfile: svc.pid, log: svc.log}\n  - id: stop\n    action: daemon-stop\n    when: action == 'stop'\n    with: {pidfile: svc.pid, timeout: 2s}\n",
+        );
+        let killed = sb
+            .cmd(&["run", "svc"])
+            .env("RUNBOOK_FAILPOINT", format!("{point}:start"))
+            .output()
+            .unwrap();
+        assert_eq!(killed.status.code(), None, "{point}: not killed");
+        let id = String::from_utf8_lossy(&killed.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        let r = sb.run(&["resume", &id]);
+        assert_eq!(r.code, 0, "{point}: {r:?}");
+        let pid: i64 = std::fs::read_to_string(sb.p("svc.pid"))
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!(alive(pid), "{point}: no daemon after resume");
+        let killed = sb
+            .cmd(&["run", "svc", "--set", "action=stop"])
+            .env("RUNBOOK_FAILPOINT", format!("{point}:stop"))
+            .output()
+            .unwrap();
+        assert_eq!(killed.status.code(), None, "{point}: stop not killed");
+        let id = String::from_utf8_lossy(&killed.stdout)
+            .split_whitespace()
+            .nth(1)
+            .unwrap()
+            .to_string();
+        let r = sb.run(&["resume", &id]);
+        assert_eq!(r.code, 0, "{point}: {r:?}");
+        assert!(
+            !alive(pid),
+            "{point}: the daemon survived an interrupted stop and its resume"
+        );
+        assert!(!sb.p("svc.pid").exists());
+    }
+}
