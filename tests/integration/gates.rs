@@ -10,7 +10,7 @@ steps:
   - id: copy-chroma
     action: exec
     lock: {path: ingestion.lock, timeout: TIMEOUT}
-    with: {argv: [sh, -c, "echo in >> held.log; while [ ! -e go ]; do sleep 0.02; done"]}
+    with: {argv: [sh, -c, "echo in >> held.log; while [ ! -e go ] && [ -e held.log ]; do sleep 0.02; done"]}
 "#;
 
 fn locked(sb: &Sandbox, name: &str, timeout: &str) {
@@ -41,7 +41,7 @@ fn a_step_lock_waits_for_its_holder_and_names_it_when_it_gives_up() {
     let plan = sb.run(&["plan", "short"]);
     assert_eq!(plan.code, 0, "{plan:?}");
     assert!(
-        plan.stdout.contains("  will change copy-chroma  exec: run sh -c 'echo in >> held.log; while [ ! -e go ]; do sleep 0.02; done' (lock ingestion.lock is held now by another process; the step will wait up to 300ms)\n"),
+        plan.stdout.contains("  will change copy-chroma  exec: run sh -c 'echo in >> held.log; while [ ! -e go ] && [ -e held.log ]; do sleep 0.02; done' (lock ingestion.lock is held now by another process; the step will wait up to 300ms)\n"),
         "{plan:?}"
     );
     let r = sb.run(&["run", "short"]);

@@ -18,7 +18,7 @@ steps:
   - id: wait
     action: exec
     idempotent: WAIT_IDEMPOTENT
-    with: {argv: [sh, -c, "echo wait >> count.log; while [ ! -e go ]; do sleep 0.02; done"]}
+    with: {argv: [sh, -c, "echo wait >> count.log; while [ ! -e go ] && [ -e count.log ]; do sleep 0.02; done"]}
   - id: three
     action: exec
     with: {argv: [sh, -c, "echo three >> count.log"]}
@@ -136,7 +136,7 @@ fn an_interrupted_step_that_is_not_idempotent_waits_for_the_operator() {
     );
     assert!(
         last.ends_with(&format!(
-            ": step `wait` needs checking: it was interrupted and the step is declared `idempotent: false`, so running it again could repeat its effect. Check whether it took effect (arguments: {{\"argv\":[\"sh\",\"-c\",\"echo wait >> count.log; while [ ! -e go ]; do sleep 0.02; done\"]}}), then run `runbook resume {id} --retry-step wait`"
+            ": step `wait` needs checking: it was interrupted and the step is declared `idempotent: false`, so running it again could repeat its effect. Check whether it took effect (arguments: {{\"argv\":[\"sh\",\"-c\",\"echo wait >> count.log; while [ ! -e go ] && [ -e count.log ]; do sleep 0.02; done\"]}}), then run `runbook resume {id} --retry-step wait`"
         )),
         "{r:?}"
     );
@@ -532,7 +532,7 @@ steps:
   - id: wait
     action: exec
     idempotent: true
-    with: {argv: [sh, -c, "echo wait >> count.log; while [ ! -e go ]; do sleep 0.02; done"]}
+    with: {argv: [sh, -c, "echo wait >> count.log; while [ ! -e go ] && [ -e count.log ]; do sleep 0.02; done"]}
   - id: child
     action: runbook
     with: {name: child}
