@@ -844,6 +844,26 @@ fn check_unit_static(args: &SystemdArgs) -> Result<(), (String, String)> {
     check_timeout(&args.timeout)
 }
 
+/// The plan of systemd-stop and systemd-start: `systemctl is-active` (read-only), and
+/// the unit's new state predicted for the steps after.
+fn systemd_preflight(args: &SystemdArgs, world: &mut World, goal: Goal) -> Verdict {
+    let (verb, state, alternative) = match goal {
+        Goal::Stopped => ("stop", "inactive", "compose-stop"),
+        Goal::Running => ("start", "active", "compose-start"),
+    };
+    match judge_unit(args, world, alternative) {
+        Err(e) => Verdict::WouldFail(e),
+        Ok((up, how)) => {
+            world.predict_state(format!("systemd:{}", args.unit), state);
+            if up == (goal == Goal::Running) {
+                Verdict::NoChange(format!("unit `{}` is already {how}", args.unit))
+            } else {
+                Verdict::WillChange(format!("{verb} unit `{}` ({how})", args.unit))
+            }
+        }
+    }
+}
+
 pub struct SystemdStop;
 
 impl Action for SystemdStop {
@@ -862,17 +882,7 @@ impl Action for SystemdStop {
     }
 
     fn preflight(&self, args: &SystemdArgs, world: &mut World, _: &ActionCtx) -> Verdict {
-        match judge_unit(args, world, "compose-stop") {
-            Err(e) => Verdict::WouldFail(e),
-            Ok((up, how)) => {
-                world.predict_state(format!("systemd:{}", args.unit), "inactive");
-                if up {
-                    Verdict::WillChange(format!("stop unit `{}` ({how})", args.unit))
-                } else {
-                    Verdict::NoChange(format!("unit `{}` is already {how}", args.unit))
-                }
-            }
-        }
+        systemd_preflight(args, world, Goal::Stopped)
     }
 
     fn execute(&self, args: &SystemdArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
@@ -912,17 +922,7 @@ impl Action for SystemdStart {
     }
 
     fn preflight(&self, args: &SystemdArgs, world: &mut World, _: &ActionCtx) -> Verdict {
-        match judge_unit(args, world, "compose-start") {
-            Err(e) => Verdict::WouldFail(e),
-            Ok((up, how)) => {
-                world.predict_state(format!("systemd:{}", args.unit), "active");
-                if up {
-                    Verdict::NoChange(format!("unit `{}` is already {how}", args.unit))
-                } else {
-                    Verdict::WillChange(format!("start unit `{}` ({how})", args.unit))
-                }
-            }
-        }
+        systemd_preflight(args, world, Goal::Running)
     }
 
     fn execute(&self, args: &SystemdArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
