@@ -102,6 +102,27 @@ fn confirm(message: &str, assume_yes: bool) -> Result<&'static str, String> {
 type StepResult = Result<(), Stop>;
 
 impl Executor<'_> {
+    /// Records (durably, through the journal sink) that a step's attempt begins; the
+    /// clock of its duration starts here.
+    fn start_step(
+        &mut self,
+        key: &str,
+        section: Section,
+        action: &'static str,
+        attempt: u32,
+        args: Json,
+    ) -> Result<Instant, ExecError> {
+        let started = Instant::now();
+        self.emit(Event::StepStarted {
+            key: key.to_string(),
+            section,
+            action,
+            attempt,
+            args,
+        })?;
+        Ok(started)
+    }
+
     fn emit(&mut self, event: Event) -> Result<(), ExecError> {
         for sink in &mut self.sinks {
             sink.on_event(&event)?;
@@ -347,14 +368,7 @@ impl Executor<'_> {
         };
         match &step.kind {
             StepKind::Confirm => {
-                let started = Instant::now();
-                self.emit(Event::StepStarted {
-                    key: key.to_string(),
-                    section,
-                    action,
-                    attempt: 1,
-                    args: shown_args,
-                })?;
+                let started = self.start_step(key, section, action, 1, shown_args)?;
                 let message = args["message"].as_str().unwrap_or_default().to_string();
                 let result = confirm(&message, self.assume_yes).map(|answer| {
                     let mut out = Outputs::new();
@@ -406,14 +420,8 @@ impl Executor<'_> {
                     }
                 }
                 for attempt in 1..=step.attempts {
-                    let started = Instant::now();
-                    self.emit(Event::StepStarted {
-                        key: key.to_string(),
-                        section,
-                        action,
-                        attempt,
-                        args: shown_args.clone(),
-                    })?;
+                    let started =
+                        self.start_step(key, section, action, attempt, shown_args.clone())?;
                     let ctx = ActionCtx {
                         deadline: step.timeout.map(|t| started + t),
                         ..ctx.clone()
@@ -468,14 +476,7 @@ impl Executor<'_> {
                 unreachable!("attempts is at least 1")
             }
             StepKind::Assert => {
-                let started = Instant::now();
-                self.emit(Event::StepStarted {
-                    key: key.to_string(),
-                    section,
-                    action,
-                    attempt: 1,
-                    args: shown_args,
-                })?;
+                let started = self.start_step(key, section, action, 1, shown_args)?;
                 let parsed: Result<AssertArgs, String> =
                     serde_json::from_value(args).map_err(|e| e.to_string());
                 let result = parsed.and_then(|a| match frame.eval(&a.that, self.templates) {
@@ -493,14 +494,7 @@ impl Executor<'_> {
                 )
             }
             StepKind::Call(child) => {
-                let started = Instant::now();
-                self.emit(Event::StepStarted {
-                    key: key.to_string(),
-                    section,
-                    action,
-                    attempt: 1,
-                    args: shown_args,
-                })?;
+                let started = self.start_step(key, section, action, 1, shown_args)?;
                 let mut child_frame = match child_frame(child, &args, self.inputs, self.templates) {
                     Ok(f) => f,
                     Err(e) => return self.finish(frame, step, key, section, started, Err(e)),
@@ -587,13 +581,7 @@ impl Executor<'_> {
         error: String,
     ) -> Result<StepResult, ExecError> {
         let error = frame.redactor.text(&error);
-        self.emit(Event::StepStarted {
-            key: key.to_string(),
-            section,
-            action,
-            attempt: 1,
-            args,
-        })?;
+        self.start_step(key, section, action, 1, args)?;
         self.emit(Event::StepFailed {
             key: key.to_string(),
             section,

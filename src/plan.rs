@@ -367,11 +367,12 @@ impl Planner<'_> {
                 }
             }
         };
-        let verdict = match (&step.lock, verdict) {
-            (Some(lock), PlanVerdict::WillChange(d) | PlanVerdict::NoChange(d))
-                if lock_busy(frame, lock, self.templates).is_some() =>
-            {
-                let note = lock_busy(frame, lock, self.templates).unwrap_or_default();
+        let busy = step
+            .lock
+            .as_ref()
+            .and_then(|lock| lock_busy(frame, lock, self.templates));
+        let verdict = match (busy, verdict) {
+            (Some(note), PlanVerdict::WillChange(d) | PlanVerdict::NoChange(d)) => {
                 PlanVerdict::WillChange(format!("{d} ({note})"))
             }
             (_, v) => v,

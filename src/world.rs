@@ -98,13 +98,6 @@ impl World {
         }
     }
 
-    /// True in a dry-run: the world of a plan, which may hold predictions. An action
-    /// may do read-only work here (check a file's content) that its `execute` does
-    /// itself when the step runs.
-    pub fn is_plan(&self) -> bool {
-        self.overlay.is_some()
-    }
-
     /// True when this world holds a prediction for `path` or an ancestor, i.e. its
     /// content on disk does not tell what it will be.
     pub fn is_predicted(&self, path: &Path) -> bool {

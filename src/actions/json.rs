@@ -143,7 +143,7 @@ impl Action for JsonCheck {
                 "will check {shown} after the steps before it have written it"
             )),
             // Right before the step runs: `execute` checks, with its own messages.
-            _ if !world.is_plan() => Verdict::Deferred(format!("will check {shown}")),
+            _ if !world.is_dry_run() => Verdict::Deferred(format!("will check {shown}")),
             _ => match check(args) {
                 Ok(_) => Verdict::NoChange(format!(
                     "{shown} is valid JSON{}",

@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -100,23 +100,9 @@ struct Standin {
 
 impl Standin {
     fn spawn(program: &str, args: &[&str], log: &Path) -> Standin {
-        let mut child = Command::new(program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(File::create(log).unwrap())
-            .spawn()
-            .expect("spawn the stand-in");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let port = first
-            .trim()
-            .strip_prefix("listening on 127.0.0.1:")
-            .unwrap_or_else(|| panic!("the stand-in said: {first:?}"))
-            .parse()
-            .unwrap();
+        let mut cmd = Command::new(program);
+        cmd.args(args).stderr(File::create(log).unwrap());
+        let (child, port) = crate::support::spawn_listening(cmd);
         Standin {
             child,
             port,

@@ -147,28 +147,36 @@ pub struct HttpServer {
     pub port: u16,
 }
 
+/// Starts a testkit server whose first line on stdout is `listening on 127.0.0.1:PORT`;
+/// returns it and the port.
+pub fn spawn_listening(mut cmd: Command) -> (std::process::Child, u16) {
+    use std::io::{BufRead, BufReader};
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn a runbook-testkit server");
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let port = first
+        .trim()
+        .strip_prefix("listening on 127.0.0.1:")
+        .unwrap_or_else(|| panic!("the server said: {first:?}"))
+        .parse()
+        .unwrap();
+    (child, port)
+}
+
 impl HttpServer {
     /// Starts the server with these route arguments (`--route GET /health 200 '{}'` ...).
     pub fn start(routes: &[&str]) -> HttpServer {
-        use std::io::{BufRead, BufReader};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_runbook-testkit"))
-            .args(["http-serve", "--port", "0", "--exit-after", "120s"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_runbook-testkit"));
+        cmd.args(["http-serve", "--port", "0", "--exit-after", "120s"])
             .args(routes)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn runbook-testkit http-serve");
-        let mut first = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut first)
-            .unwrap();
-        let port = first
-            .trim()
-            .strip_prefix("listening on 127.0.0.1:")
-            .unwrap_or_else(|| panic!("http-serve said: {first:?}"))
-            .parse()
-            .unwrap();
+            .stderr(Stdio::inherit());
+        let (child, port) = spawn_listening(cmd);
         HttpServer { child, port }
     }
 
