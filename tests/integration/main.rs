@@ -2,6 +2,7 @@
 
 mod support;
 
+mod adversarial;
 mod atocore;
 mod atocore_standin;
 mod daemon;

@@ -1,0 +1,1 @@
+//! Adversarial cases: paths (see mod.rs).

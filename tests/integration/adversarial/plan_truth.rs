@@ -1,0 +1,1 @@
+//! Adversarial cases: plan_truth (see mod.rs).

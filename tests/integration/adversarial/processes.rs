@@ -1,0 +1,1 @@
+//! Adversarial cases: processes (see mod.rs).

@@ -1,0 +1,1 @@
+//! Adversarial cases: resume (see mod.rs).

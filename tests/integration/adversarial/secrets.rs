@@ -1,0 +1,1 @@
+//! Adversarial cases: secrets (see mod.rs).
