@@ -98,6 +98,8 @@ impl Templates {
         {
             env.set_syntax(syntax);
         }
+        env.set_formatter(format_value);
+        env.add_filter("string", string_filter);
         env.add_function("now_utc", now_utc);
         env.add_function("hostname", hostname);
         env.add_function("latest_stamp", latest_stamp);
@@ -283,13 +285,48 @@ fn syntax_issue(what: &str, e: &minijinja::Error) -> TemplateIssue {
     }
 }
 
+/// How every error about an undefined name or attribute starts (see
+/// [`crate::frame::Frame::explain`], which names an unset optional param).
+pub const UNDEFINED: &str = "undefined value";
+
+/// Values as the runbook and the vars file write them: `true`/`false`, not Python's
+/// `True`/`False` (minijinja's default), wherever a bool becomes text.
+fn format_value(
+    out: &mut minijinja::Output<'_>,
+    state: &mut minijinja::State<'_, '_>,
+    value: &Value,
+) -> Result<(), minijinja::Error> {
+    match as_bool(value) {
+        Some(b) => out
+            .write_str(if b { "true" } else { "false" })
+            .map_err(|_| minijinja::Error::new(minijinja::ErrorKind::WriteFailure, "write")),
+        None => minijinja::escape_formatter(out, state, value),
+    }
+}
+
+fn as_bool(value: &Value) -> Option<bool> {
+    (value.kind() == minijinja::value::ValueKind::Bool).then(|| value.is_true())
+}
+
+/// `| string`, with bools as `true`/`false`.
+fn string_filter(value: Value) -> Value {
+    match as_bool(&value) {
+        Some(b) => Value::from(if b { "true" } else { "false" }),
+        None if value.as_str().is_some() => value,
+        None => Value::from(value.to_string()),
+    }
+}
+
 /// minijinja's message without its template-name suffix.
 pub fn describe(e: &minijinja::Error) -> String {
     let mut msg = e
         .detail()
         .map_or_else(|| e.kind().to_string(), str::to_string);
-    if e.kind() == minijinja::ErrorKind::UndefinedError && e.detail().is_none() {
-        msg = "undefined value (strict mode): a name or attribute does not exist".into();
+    if e.kind() == minijinja::ErrorKind::UndefinedError {
+        msg = match e.detail() {
+            None => format!("{UNDEFINED} (strict mode): a name or attribute does not exist"),
+            Some(detail) => format!("{UNDEFINED} (strict mode): {detail}"),
+        };
     }
     msg
 }
@@ -364,6 +401,18 @@ impl Templates {
                 ))
             })
             .collect()
+    }
+
+    /// The top-level names a template (or an expression) reads.
+    pub fn names_read(&self, source: &str, is_expr: bool) -> BTreeSet<String> {
+        if is_expr {
+            return self
+                .env
+                .compile_expression(source)
+                .map(|e| e.undeclared_variables(false).into_iter().collect())
+                .unwrap_or_default();
+        }
+        self.names_used(source)
     }
 
     /// The top-level names a template reads (for secret tracking).
