@@ -9,7 +9,7 @@ use crate::cli::{Cli, Command, Inputs};
 use crate::events::{Event, RunHeader, RunStatus};
 use crate::executor::{Executor, Stop};
 use crate::exit::Exit;
-use crate::frame::{Frame, StepState};
+use crate::frame::{Frame, Inherited, StepState};
 use crate::journal::{Journal, JournalSink, RunRecord};
 use crate::load::{LoadError, Loader, Runbook, StepKind};
 use crate::params::{ParamError, ParamInputs};
@@ -93,7 +93,10 @@ pub fn dispatch(cli: &Cli) -> Exit {
             search_path: cli.path.clone(),
         },
         templates: Templates::new(),
-        state_dir: cli.state_dir.clone().unwrap_or_else(default_state_dir),
+        // Absolute: resume and rollback change to the run's directory.
+        state_dir: crate::params::absolute(
+            &cli.state_dir.clone().unwrap_or_else(default_state_dir),
+        ),
     };
     let result = match &cli.command {
         Command::List => app.list(),
@@ -125,7 +128,8 @@ pub fn dispatch(cli: &Cli) -> Exit {
             run_id,
             inputs,
             accept_changes,
-        } => app.rollback(run_id, inputs, *accept_changes),
+            again,
+        } => app.rollback(run_id, inputs, *accept_changes, *again),
         Command::Runs => app.runs(),
         Command::Show { run_id } => app.show(run_id),
         Command::Drill { keep, dir } => app.drill(*keep, dir.clone()),
@@ -301,7 +305,8 @@ impl App<'_> {
         let rb = self.load(name)?;
         let assume_yes = inputs.yes;
         let inputs = self.inputs(inputs)?;
-        let frame = Frame::new(rb.clone(), &inputs, None, &self.templates)?;
+        let inherited = Inherited::for_run(&rb, &inputs);
+        let frame = Frame::new(rb.clone(), &inputs, None, &self.templates, inherited)?;
         let planner = Planner {
             assume_yes,
             templates: &self.templates,
@@ -402,7 +407,11 @@ impl App<'_> {
             started_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             pid: std::process::id(),
             files: rb.files(),
-            inputs: recorded_inputs(&rb, &inputs),
+            inputs: recorded_inputs(&rb, &frame, &inputs),
+            cwd: std::env::current_dir().map_err(|e| {
+                AppError::Internal(format!("cannot read the current directory: {e}"))
+            })?,
+            secrets: given_secrets(&rb, &frame, &inputs),
             steps: rb
                 .steps
                 .iter()
@@ -468,15 +477,84 @@ impl App<'_> {
         Ok(rb)
     }
 
-    /// The run's frame rebuilt from the journal: recorded params (secrets given again),
-    /// frozen vars as they were.
+    /// The operator's inputs for a resume or rollback, read where the command was
+    /// typed; then the process moves to the run's directory (see [`App::enter_run_dir`]).
+    fn given_inputs(&self, record: &RunRecord, inputs: &Inputs) -> Result<ParamInputs, AppError> {
+        let given = self.inputs(inputs)?;
+        self.enter_run_dir(record)?;
+        Ok(given)
+    }
+
+    /// Resume and rollback work in the directory the run was started in, so that a
+    /// relative path (a literal in a step's arguments, the default `runbooks` search
+    /// path) means what it meant in the run's first part.
+    fn enter_run_dir(&self, record: &RunRecord) -> Result<(), AppError> {
+        let Some(dir) = &record.cwd else {
+            return Ok(());
+        };
+        if std::env::current_dir().ok().as_ref() == Some(dir) {
+            return Ok(());
+        }
+        std::env::set_current_dir(dir).map_err(|e| {
+            AppError::Refused(format!(
+                "run {} was started in {}, and resume and rollback work there: cannot enter it: {e}",
+                record.summary.id,
+                dir.display()
+            ))
+        })?;
+        if !self.json() && !self.cli.quiet {
+            eprintln!(
+                "note: working in {}, where run {} was started",
+                dir.display(),
+                record.summary.id
+            );
+        }
+        Ok(())
+    }
+
+    /// The run's frame rebuilt from the journal: recorded params, frozen vars as they
+    /// were, and every secret the run was given asked for again (the journal keeps
+    /// their names only), before anything runs.
     fn restore_frame(
         &self,
         record: &RunRecord,
         rb: &Arc<Runbook>,
-        inputs: &Inputs,
+        given: ParamInputs,
     ) -> Result<(Frame, ParamInputs), AppError> {
-        let given = self.inputs(inputs)?;
+        // The secrets to give again: those the run recorded as given; for a run
+        // recorded before the journal kept them, every secret param of the runbook
+        // that had a value (required, or with a default).
+        let needed: Vec<String> = match &record.secrets {
+            Some(names) => names.clone(),
+            None => rb
+                .params
+                .iter()
+                .filter(|p| p.secret && (p.required || p.default.is_some()))
+                .map(|p| p.name.clone())
+                .collect(),
+        };
+        let missing: Vec<String> = needed
+            .iter()
+            .filter(|n| !given.sets.contains_key(*n) && !given.files.contains_key(*n))
+            .map(|n| {
+                format!(
+                    "secret param `{n}` is not stored in the journal: give it again with --set {n}=... or --vars FILE"
+                )
+            })
+            .collect();
+        if !missing.is_empty() {
+            return Err(AppError::Invalid(format!(
+                "{}
+(run {} was given {}; nothing was run)",
+                missing.join("\n"),
+                record.summary.id,
+                if needed.len() == 1 {
+                    "this secret".to_string()
+                } else {
+                    format!("these {} secrets", needed.len())
+                }
+            )));
+        }
         // The run's own --vars values first (called runbooks read their params from
         // them), then this command's --vars, then the run's frozen params.
         let mut files = record.inputs.clone();
@@ -485,26 +563,30 @@ impl App<'_> {
             files,
             sets: Default::default(),
         };
+        for (name, value) in &given.sets {
+            let declared_secret = rb.params.iter().any(|p| &p.name == name && p.secret);
+            if declared_secret || needed.contains(name) {
+                inputs
+                    .files
+                    .insert(name.clone(), serde_json::Value::String(value.clone()));
+            }
+        }
         for spec in &rb.params {
-            if spec.secret {
-                if let Some(v) = given.sets.get(&spec.name) {
-                    inputs
-                        .files
-                        .insert(spec.name.clone(), serde_json::Value::String(v.clone()));
-                } else if !given.files.contains_key(&spec.name)
-                    && spec.required
-                    && spec.default.is_none()
-                {
-                    return Err(AppError::Invalid(format!(
-                        "secret param `{}` is not stored in the journal: give it again with --set {}=... or --vars FILE",
-                        spec.name, spec.name
-                    )));
-                }
-            } else if let Some(v) = record.params.get(&spec.name).filter(|v| !v.is_null()) {
+            if spec.secret || needed.contains(&spec.name) {
+                continue;
+            }
+            if let Some(v) = record.params.get(&spec.name).filter(|v| !v.is_null()) {
                 inputs.files.insert(spec.name.clone(), v.clone());
             }
         }
-        let frame = Frame::new(rb.clone(), &inputs, Some(&record.vars), &self.templates)?;
+        let inherited = Inherited::for_run(rb, &inputs);
+        let frame = Frame::new(
+            rb.clone(),
+            &inputs,
+            Some(&record.vars),
+            &self.templates,
+            inherited,
+        )?;
         Ok((frame, inputs))
     }
 
@@ -537,8 +619,9 @@ impl App<'_> {
             }
             _ => {}
         }
+        let given = self.given_inputs(&record, inputs)?;
         let rb = self.reload(&record, accept_changes)?;
-        let (mut frame, inputs) = self.restore_frame(&record, &rb, inputs)?;
+        let (mut frame, inputs) = self.restore_frame(&record, &rb, given)?;
         let _locks = self.acquire(&rb, run_id)?;
         let start = Event::RunResumed {
             run_id: run_id.to_string(),
@@ -567,16 +650,31 @@ impl App<'_> {
         run_id: &str,
         inputs: &Inputs,
         accept_changes: bool,
+        again: bool,
     ) -> Result<Exit, AppError> {
         let assume_yes = inputs.yes;
         let journal = Journal::open(&self.state_dir)?;
         let record = journal.run(run_id)?;
-        if RunStatus::parse(&record.summary.status) == Some(RunStatus::Running) {
-            return Err(AppError::Refused(format!(
-                "run {run_id} is still running (pid {})",
-                record.pid
-            )));
+        match RunStatus::parse(&record.summary.status) {
+            Some(RunStatus::Running) => {
+                return Err(AppError::Refused(format!(
+                    "run {run_id} is still running (pid {})",
+                    record.pid
+                )));
+            }
+            Some(RunStatus::RolledBack) if !again => {
+                return Err(AppError::Refused(format!(
+                    "run {run_id} was already rolled back at {}; nothing was run. To run its rollback section again anyway: runbook rollback {run_id} --again",
+                    record
+                        .summary
+                        .finished_at
+                        .as_deref()
+                        .unwrap_or("an unknown time")
+                )));
+            }
+            _ => {}
         }
+        let given = self.given_inputs(&record, inputs)?;
         let rb = self.reload(&record, accept_changes)?;
         if rb.rollback.is_empty() {
             return Err(AppError::Invalid(format!(
@@ -584,7 +682,7 @@ impl App<'_> {
                 rb.name
             )));
         }
-        let (mut frame, inputs) = self.restore_frame(&record, &rb, inputs)?;
+        let (mut frame, inputs) = self.restore_frame(&record, &rb, given)?;
         for step in record
             .steps
             .iter()
@@ -763,16 +861,39 @@ fn exit_for(status: RunStatus, stop: Option<&Stop>) -> Exit {
 }
 
 /// The `--vars` values a resume or rollback must give the run's runbooks again: those
-/// any of them declares as a param, except secrets (never stored).
+/// any of them declares as a param, except secrets (never stored): a value declared
+/// secret anywhere in the call tree, or holding a secret value.
 fn recorded_inputs(
     rb: &Runbook,
+    frame: &Frame,
     inputs: &ParamInputs,
 ) -> indexmap::IndexMap<String, serde_json::Value> {
     let params = rb.call_tree_params();
     inputs
         .files
         .iter()
-        .filter(|(k, _)| params.get(*k) == Some(&false))
+        .filter(|(k, v)| params.get(*k) == Some(&false) && !frame.redactor.finds_in_json(v))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
+}
+
+/// The names of the secrets the run was given (`--set`, `--vars`) for any runbook of
+/// its call tree: declared secret, or holding a secret value. Resume asks for each.
+fn given_secrets(rb: &Runbook, frame: &Frame, inputs: &ParamInputs) -> Vec<String> {
+    let params = rb.call_tree_params();
+    let mut names: Vec<String> = frame
+        .secret_params()
+        .filter(|n| inputs.sets.contains_key(*n) || inputs.files.contains_key(*n))
+        .map(str::to_string)
+        .collect();
+    for (k, v) in &inputs.files {
+        let secret = match params.get(k) {
+            Some(declared) => *declared || frame.redactor.finds_in_json(v),
+            None => false,
+        };
+        if secret && !names.contains(k) {
+            names.push(k.clone());
+        }
+    }
+    names
 }

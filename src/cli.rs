@@ -124,6 +124,10 @@ pub enum Command {
         /// Roll back even though the runbook files changed since the run started.
         #[arg(long)]
         accept_changes: bool,
+        /// Run the rollback section again although the run was already rolled back
+        /// (refused without it).
+        #[arg(long)]
+        again: bool,
     },
     /// The journal's runs, newest first.
     Runs,
@@ -167,7 +171,24 @@ fn init_logging(verbose: u8) {
     };
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
-        .with_writer(std::io::stderr)
+        .with_writer(|| RedactedStderr)
         .with_target(false)
         .try_init();
+}
+
+/// Log lines go to stderr with every secret the process has seen masked: the debug logs
+/// of libraries (the HTTP client's, say) see URLs and headers. Each event is written
+/// whole in one call, so a secret is never split across two writes.
+struct RedactedStderr;
+
+impl std::io::Write for RedactedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = crate::redact::mask_for_logs(&String::from_utf8_lossy(buf));
+        std::io::stderr().write_all(text.as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }

@@ -81,6 +81,14 @@ pub struct RunHeader {
     /// resume and rollback give them to called runbooks again.
     #[serde(skip)]
     pub inputs: IndexMap<String, Json>,
+    /// The directory the run was started in: resume and rollback work there, so that
+    /// anything still relative means what it meant.
+    #[serde(skip)]
+    pub cwd: PathBuf,
+    /// The names (never the values) of the secrets given with `--set`/`--vars`: resume
+    /// and rollback ask for each again.
+    #[serde(skip)]
+    pub secrets: Vec<String>,
     /// Main steps of the top runbook, in order: recorded as pending.
     pub steps: Vec<(String, &'static str)>,
 }

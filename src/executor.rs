@@ -212,6 +212,7 @@ impl Executor<'_> {
             Stop::Failed { key, error } => format!("rollback step `{key}` failed: {error}"),
             Stop::NeedsOperator { key, message } => format!("rollback step `{key}`: {message}"),
         });
+        let error = error.map(|e| frame.redactor.text(&e));
         self.emit(Event::RunFinished {
             run_id: run_id.to_string(),
             status,
@@ -350,6 +351,8 @@ impl Executor<'_> {
             Ok(a) => a,
             Err(e) => return self.fail_now(frame, key, section, action, Json::Null, e),
         };
+        // What the arguments make of a secret is masked in everything after this.
+        frame.redactor = frame.redactor_for(&step.args, &args, self.templates);
         let shown_args = frame.redactor.json(&args);
         // Held until this function returns: for every attempt of the step.
         let _step_lock = match &step.lock {
@@ -495,14 +498,18 @@ impl Executor<'_> {
             }
             StepKind::Call(child) => {
                 let started = self.start_step(key, section, action, 1, shown_args)?;
-                let mut child_frame = match child_frame(child, &args, self.inputs, self.templates) {
-                    Ok(f) => f,
-                    Err(e) => return self.finish(frame, step, key, section, started, Err(e)),
-                };
-                // A resumed call sees the vars its first attempt froze.
+                let mut child_frame =
+                    match child_frame(child, step, &args, frame, self.inputs, self.templates) {
+                        Ok(f) => f,
+                        Err(e) => return self.finish(frame, step, key, section, started, Err(e)),
+                    };
+                // A resumed call sees the vars its first attempt froze (never a secret
+                // one: those were not frozen, and are rendered again).
                 if let Some(frozen) = self.prior.and_then(|p| p.frames.get(key)) {
                     for (k, v) in frozen {
-                        child_frame.vars.insert(k.clone(), v.clone());
+                        if !child_frame.secrets.contains(k) {
+                            child_frame.vars.insert(k.clone(), v.clone());
+                        }
                     }
                 }
                 self.emit(Event::FrameFrozen {
@@ -515,6 +522,7 @@ impl Executor<'_> {
                     Ok(()) => child_frame.outputs(self.templates),
                     Err(stop) => {
                         self.after_failure(&mut child_frame, &prefix, &stop)?;
+                        frame.redactor.absorb(&child_frame.redactor);
                         match stop {
                             Stop::NeedsOperator { .. } => return Ok(Err(stop)),
                             Stop::Failed { key: k, error } => {
@@ -523,6 +531,9 @@ impl Executor<'_> {
                         }
                     }
                 };
+                // The caller masks what its callee knew to be secret (its outputs may
+                // carry a secret the callee got from a vars file).
+                frame.redactor.absorb(&child_frame.redactor);
                 self.finish(frame, step, key, section, started, result)
             }
         }

@@ -2,7 +2,7 @@
 //! and the outputs of the steps so far. Planner and executor render through this one
 //! type, so a dry-run renders exactly what the run will.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -42,6 +42,23 @@ pub struct Frame {
     pub steps: BTreeMap<String, StepState>,
     pub redactor: Redactor,
     pub reads: UnknownReads,
+    /// Params and vars whose values are secret here: declared `secret`, derived from a
+    /// secret by their template, or holding a secret value (secrecy follows the value,
+    /// not the declaration). Never frozen, never shown.
+    pub secrets: BTreeSet<String>,
+    /// A called runbook (its params come from the call, not from `--set`).
+    pub called: bool,
+}
+
+/// What a frame receives from where it is built: the secrets known so far (a caller's,
+/// or every secret the run's inputs give) and the params its caller computed from a
+/// secret.
+#[derive(Debug, Clone, Default)]
+pub struct Inherited {
+    pub redactor: Redactor,
+    /// Params given a value that a template made from a secret (a call's `params`).
+    pub secret_params: BTreeSet<String>,
+    pub called: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +67,30 @@ pub enum FrameError {
     Params(#[from] crate::params::ParamError),
     #[error("{0}")]
     Render(String),
+}
+
+impl Inherited {
+    /// What a run's top frame starts with: every secret its inputs give to any runbook
+    /// of the call tree (a called runbook's secret from a vars file is masked in the
+    /// caller too, before the call runs).
+    pub fn for_run(runbook: &Runbook, inputs: &ParamInputs) -> Self {
+        let tree = runbook.call_tree_params();
+        let mut redactor = Redactor::default();
+        for (name, value) in inputs.files.iter().map(|(k, v)| (k, v.clone())).chain(
+            inputs
+                .sets
+                .iter()
+                .map(|(k, v)| (k, Json::String(v.clone()))),
+        ) {
+            if tree.get(name) == Some(&true) {
+                redactor.add(&value);
+            }
+        }
+        Inherited {
+            redactor,
+            ..Inherited::default()
+        }
+    }
 }
 
 impl StepState {
@@ -88,9 +129,12 @@ impl Frame {
         inputs: &ParamInputs,
         frozen: Option<&IndexMap<String, String>>,
         templates: &Templates,
+        inherited: Inherited,
     ) -> Result<Self, FrameError> {
-        let params = resolve(&runbook.params, inputs)?;
-        Self::with_params(runbook, params, frozen, templates)
+        // A param error may quote a value: mask what is already known to be secret.
+        let params = resolve(&runbook.params, inputs)
+            .map_err(|e| FrameError::Render(inherited.redactor.text(&e.to_string())))?;
+        Self::with_params(runbook, params, frozen, templates, inherited)
     }
 
     pub fn with_params(
@@ -98,6 +142,7 @@ impl Frame {
         params: IndexMap<String, Json>,
         frozen: Option<&IndexMap<String, String>>,
         templates: &Templates,
+        inherited: Inherited,
     ) -> Result<Self, FrameError> {
         let mut frame = Frame {
             runbook: runbook.clone(),
@@ -105,70 +150,141 @@ impl Frame {
             vars: IndexMap::new(),
             roots: Vec::new(),
             steps: BTreeMap::new(),
-            redactor: Redactor::default(),
+            redactor: inherited.redactor,
             reads: UnknownReads::default(),
+            secrets: BTreeSet::new(),
+            called: inherited.called,
         };
-        for spec in runbook.params.iter().filter(|p| p.secret) {
-            if let Some(v) = frame.params.get(&spec.name) {
-                frame.redactor.add(v);
+        // Declared secrets are secret whole, and so is what a caller made of a secret.
+        for spec in &runbook.params {
+            let value = frame.params.get(&spec.name).cloned().unwrap_or(Json::Null);
+            if spec.secret {
+                frame.redactor.add(&value);
+                frame.secrets.insert(spec.name.clone());
+            } else if inherited.secret_params.contains(&spec.name) {
+                add_derived(&mut frame.redactor, &value);
+                frame.secrets.insert(spec.name.clone());
+            }
+        }
+        // Any other param that holds a secret value is secret too.
+        for (name, value) in &frame.params {
+            if frame.redactor.finds_in_json(value) {
+                frame.secrets.insert(name.clone());
             }
         }
         for var in &runbook.vars {
+            // Never frozen when secret, so a frozen value is one that held no secret.
             let value = match frozen.and_then(|f| f.get(&var.name)) {
                 Some(v) if !var.secret => v.clone(),
                 _ => {
                     let ctx = frame.context();
-                    templates
-                        .render(&var.template, &ctx)
-                        .map_err(|e| FrameError::Render(format!("var `{}`: {e}", var.name)))?
+                    templates.render(&var.template, &ctx).map_err(|e| {
+                        let e = frame.explain(&var.template, false, templates, e);
+                        FrameError::Render(frame.redactor.text(&format!("var `{}`: {e}", var.name)))
+                    })?
                 }
             };
-            if var.secret {
-                frame.redactor.add(&Json::String(value.clone()));
+            let derived = var.secret
+                || templates
+                    .names_used(&var.template)
+                    .iter()
+                    .any(|n| frame.secrets.contains(n));
+            if derived {
+                add_derived(&mut frame.redactor, &Json::String(value.clone()));
+            }
+            if derived || frame.redactor.finds_in(&value) {
+                frame.secrets.insert(var.name.clone());
             }
             frame.vars.insert(var.name.clone(), value);
         }
         let ctx = frame.context();
         for root in &runbook.roots {
-            let rendered = templates
-                .render(root, &ctx)
-                .map_err(|e| FrameError::Render(format!("roots: {e}")))?;
+            let rendered = templates.render(root, &ctx).map_err(|e| {
+                let e = frame.explain(root, false, templates, e);
+                FrameError::Render(frame.redactor.text(&format!("roots: {e}")))
+            })?;
             if rendered.trim().is_empty()
                 || crate::world::normalize(rendered.as_ref()) == std::path::Path::new("/")
             {
-                return Err(FrameError::Render(format!(
+                return Err(FrameError::Render(frame.redactor.text(&format!(
                     "root `{root}` renders to `{rendered}`: a root must be a directory below `/`"
-                )));
+                ))));
             }
-            frame.roots.push(PathBuf::from(rendered));
+            // A relative root is taken from the directory the run works in, and kept
+            // absolute so that nothing later reads it against another one.
+            frame
+                .roots
+                .push(crate::params::absolute(std::path::Path::new(&rendered)));
         }
         Ok(frame)
     }
 
-    /// The vars as the journal keeps them: secret-derived ones are left out.
+    /// The vars as the journal keeps them: secret ones (derived from a secret or
+    /// holding one) are left out and rendered again on resume.
     pub fn frozen_vars(&self) -> IndexMap<String, String> {
-        self.runbook
-            .vars
+        self.vars
             .iter()
-            .filter(|v| !v.secret)
-            .filter_map(|v| self.vars.get(&v.name).map(|x| (v.name.clone(), x.clone())))
+            .filter(|(k, _)| !self.secrets.contains(*k))
+            .map(|(k, v)| (k.clone(), v.clone()))
             .collect()
     }
 
-    /// Params as the journal and plans show them: secrets masked.
+    /// Params as the journal and plans show them: secrets masked whole, and any secret
+    /// inside another value masked where it occurs.
     pub fn shown_params(&self) -> IndexMap<String, Json> {
         self.params
             .iter()
             .map(|(k, v)| {
-                let secret = self.runbook.params.iter().any(|p| &p.name == k && p.secret);
-                let shown = if secret && !v.is_null() {
+                let shown = if self.secrets.contains(k) && !v.is_null() {
                     Json::String(crate::redact::MASK.into())
                 } else {
-                    v.clone()
+                    self.redactor.json(v)
                 };
                 (k.clone(), shown)
             })
             .collect()
+    }
+
+    /// Params whose value holds a secret: never journaled, asked for again on resume.
+    pub fn secret_params(&self) -> impl Iterator<Item = &str> {
+        self.runbook
+            .params
+            .iter()
+            .map(|p| p.name.as_str())
+            .filter(|n| self.secrets.contains(*n))
+    }
+
+    /// A rendering error, made clear when the template used an optional param that is
+    /// not set (it is undefined, as strict undefined wants, never `None`).
+    pub fn explain(
+        &self,
+        source: &str,
+        is_expr: bool,
+        templates: &Templates,
+        error: String,
+    ) -> String {
+        if !error.starts_with(crate::template::UNDEFINED) {
+            return error;
+        }
+        let used = templates.names_read(source, is_expr);
+        let unset: Vec<&str> = self
+            .params
+            .iter()
+            .filter(|(k, v)| v.is_null() && used.contains(*k))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        let Some(first) = unset.first() else {
+            return error;
+        };
+        let how = if self.called {
+            "give it in the call's `params` or in a --vars FILE".to_string()
+        } else {
+            format!("give it with --set {first}=VALUE or in a --vars FILE")
+        };
+        format!(
+            "param `{}` is not set (it is optional and has no default): {how}, or test it with `{first} is defined`",
+            unset.join("`, `")
+        )
     }
 
     pub fn shown_vars(&self) -> IndexMap<String, String> {
@@ -181,7 +297,11 @@ impl Frame {
     pub fn context(&self) -> Value {
         let mut map: BTreeMap<String, Value> = BTreeMap::new();
         for (k, v) in &self.params {
-            map.insert(k.clone(), Value::from(Serde(v)));
+            // An optional param that is not set is undefined: using it is an error
+            // (strict undefined), `is defined` tells.
+            if !v.is_null() {
+                map.insert(k.clone(), Value::from(Serde(v)));
+            }
         }
         for (k, v) in &self.vars {
             map.insert(k.clone(), Value::from(v.as_str()));
@@ -227,34 +347,105 @@ impl Frame {
     /// Renders every string in an argument tree.
     pub fn render_args(&self, args: &Yaml, templates: &Templates) -> Result<Json, String> {
         let ctx = self.context();
-        render_yaml(args, &ctx, templates, "")
+        render_yaml(args, &ctx, templates, "", self)
     }
 
     pub fn render(&self, source: &str, templates: &Templates) -> Result<String, String> {
-        templates.render(source, &self.context())
+        templates
+            .render(source, &self.context())
+            .map_err(|e| self.explain(source, false, templates, e))
     }
 
     pub fn eval(&self, expr: &str, templates: &Templates) -> Result<bool, String> {
-        templates.eval(expr, &self.context()).map(|v| v.is_true())
+        templates
+            .eval(expr, &self.context())
+            .map(|v| v.is_true())
+            .map_err(|e| self.explain(expr, true, templates, e))
     }
 
-    /// The runbook's declared outputs, rendered.
-    pub fn outputs(&self, templates: &Templates) -> Result<Outputs, String> {
+    /// The runbook's declared outputs, rendered. One made from a secret by its
+    /// template is secret whole from now on.
+    pub fn outputs(&mut self, templates: &Templates) -> Result<Outputs, String> {
         let mut out = Outputs::new();
         for (k, tmpl) in &self.runbook.outputs {
             let v = templates
                 .render_output(tmpl, &self.context())
-                .map_err(|e| format!("output `{k}`: {e}"))?;
+                .map_err(|e| {
+                    format!("output `{k}`: {}", self.explain(tmpl, false, templates, e))
+                })?;
+            if self.reads_secret(tmpl, templates) {
+                add_derived(&mut self.redactor, &v);
+            }
             out.insert(k.clone(), v);
         }
         Ok(out)
     }
+
+    /// Whether a template reads a secret param or var.
+    pub fn reads_secret(&self, source: &str, templates: &Templates) -> bool {
+        !self.secrets.is_empty()
+            && templates
+                .names_used(source)
+                .iter()
+                .any(|n| self.secrets.contains(n))
+    }
+
+    /// The redactor for a step whose arguments were rendered from `raw`: a value a
+    /// template made from a secret (`{{ token | upper }}`, `{{ token[:8] }}`) is
+    /// secret whole, like a var that reads one.
+    pub fn redactor_for(&self, raw: &Yaml, rendered: &Json, templates: &Templates) -> Redactor {
+        fn walk(
+            frame: &Frame,
+            raw: &Yaml,
+            rendered: &Json,
+            templates: &Templates,
+            out: &mut Redactor,
+        ) {
+            match (raw, rendered) {
+                (Yaml::String(s), value) if frame.reads_secret(s, templates) => {
+                    add_derived(out, value);
+                }
+                (Yaml::Sequence(items), Json::Array(values)) => {
+                    for (item, value) in items.iter().zip(values) {
+                        walk(frame, item, value, templates, out);
+                    }
+                }
+                (Yaml::Mapping(map), Json::Object(values)) => {
+                    for (k, item) in map {
+                        if let Some(value) = k.as_str().and_then(|k| values.get(k)) {
+                            walk(frame, item, value, templates, out);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let mut out = self.redactor.clone();
+        walk(self, raw, rendered, templates, &mut out);
+        out
+    }
 }
 
-fn render_yaml(v: &Yaml, ctx: &Value, templates: &Templates, path: &str) -> Result<Json, String> {
+/// A value a template made from a secret: when the secret shows in it as it is (or
+/// encoded), masking that is enough (`Bearer ********`); when it does not, the secret
+/// was transformed (`upper`, a slice, a hash) and the whole value is secret.
+fn add_derived(redactor: &mut Redactor, value: &Json) {
+    if !redactor.finds_in_json(value) {
+        redactor.add(value);
+    }
+}
+
+fn render_yaml(
+    v: &Yaml,
+    ctx: &Value,
+    templates: &Templates,
+    path: &str,
+    frame: &Frame,
+) -> Result<Json, String> {
     Ok(match v {
         Yaml::Null => Json::Object(Default::default()),
         Yaml::String(s) => templates.render_value(s, ctx).map_err(|e| {
+            let e = frame.explain(s, false, templates, e);
             if path.is_empty() {
                 e
             } else {
@@ -265,7 +456,7 @@ fn render_yaml(v: &Yaml, ctx: &Value, templates: &Templates, path: &str) -> Resu
             items
                 .iter()
                 .enumerate()
-                .map(|(i, item)| render_yaml(item, ctx, templates, &format!("{path}[{i}]")))
+                .map(|(i, item)| render_yaml(item, ctx, templates, &format!("{path}[{i}]"), frame))
                 .collect::<Result<_, _>>()?,
         ),
         Yaml::Mapping(map) => {
@@ -285,7 +476,7 @@ fn render_yaml(v: &Yaml, ctx: &Value, templates: &Templates, path: &str) -> Resu
                 } else {
                     format!("{path}.{key}")
                 };
-                out.insert(key, render_yaml(v, ctx, templates, &child)?);
+                out.insert(key, render_yaml(v, ctx, templates, &child, frame)?);
             }
             Json::Object(out)
         }

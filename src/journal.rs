@@ -93,6 +93,12 @@ pub struct RunRecord {
     /// See [`crate::events::RunHeader::inputs`]; empty for runs recorded before them.
     #[serde(skip)]
     pub inputs: IndexMap<String, Json>,
+    /// See [`crate::events::RunHeader::cwd`]; `None` for runs recorded before it was.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// See [`crate::events::RunHeader::secrets`]; `None` for runs recorded before.
+    #[serde(rename = "secrets_given", skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<String>>,
 }
 
 fn now() -> String {
@@ -109,6 +115,8 @@ CREATE TABLE IF NOT EXISTS run_files (
   run_id TEXT NOT NULL, path TEXT NOT NULL, content TEXT NOT NULL, PRIMARY KEY (run_id, path));
 CREATE TABLE IF NOT EXISTS run_inputs (
   run_id TEXT PRIMARY KEY, inputs TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS run_context (
+  run_id TEXT PRIMARY KEY, cwd TEXT NOT NULL, secrets TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS frames (
   run_id TEXT NOT NULL, key TEXT NOT NULL, vars TEXT NOT NULL, PRIMARY KEY (run_id, key));
 CREATE TABLE IF NOT EXISTS steps (
@@ -197,6 +205,15 @@ impl Journal {
                     params![
                         h.run_id,
                         serde_json::to_string(&h.inputs).unwrap_or_default()
+                    ],
+                )
+                .map_err(&e)?;
+                tx.execute(
+                    "INSERT INTO run_context (run_id, cwd, secrets) VALUES (?1, ?2, ?3)",
+                    params![
+                        h.run_id,
+                        h.cwd.to_string_lossy(),
+                        serde_json::to_string(&h.secrets).unwrap_or_default()
                     ],
                 )
                 .map_err(&e)?;
@@ -453,7 +470,25 @@ impl Journal {
             )
             .optional()
             .map_err(&e)?;
+        let context: Option<(String, String)> = self
+            .conn
+            .query_row(
+                "SELECT cwd, secrets FROM run_context WHERE run_id = ?1",
+                [run_id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .map_err(&e)?;
+        let (cwd, secrets) = match context {
+            Some((cwd, secrets)) => (
+                Some(PathBuf::from(cwd)),
+                Some(serde_json::from_str(&secrets).unwrap_or_default()),
+            ),
+            None => (None, None),
+        };
         Ok(RunRecord {
+            cwd,
+            secrets,
             inputs: inputs
                 .and_then(|i| serde_json::from_str(&i).ok())
                 .unwrap_or_default(),

@@ -96,9 +96,32 @@ pub fn yaml_message(e: &serde_yaml::Error) -> String {
     }
 }
 
+/// A path as the run uses it: a relative one is taken from the current directory (the
+/// directory the run was started in; resume and rollback work there too) and frozen
+/// absolute, so that nothing reads it against another directory later.
+pub fn absolute(path: &Path) -> std::path::PathBuf {
+    if path.is_absolute() {
+        return path.to_path_buf();
+    }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| std::path::PathBuf::from("/"));
+    // `components` drops the `.`s; `..` stay, for the kernel to resolve as it would.
+    cwd.join(path).components().collect()
+}
+
 impl ParamSpec {
     /// Converts a given value to this param's type.
     pub fn coerce(&self, value: &Json) -> Result<Json, String> {
+        self.coerce_value(value).map_err(|e| {
+            if self.secret {
+                // The message quotes the value: a secret is never quoted.
+                e.replace(&value.to_string(), "the given value")
+            } else {
+                e
+            }
+        })
+    }
+
+    fn coerce_value(&self, value: &Json) -> Result<Json, String> {
         let text = match value {
             Json::String(s) => Some(s.as_str()),
             _ => None,
@@ -165,11 +188,21 @@ impl ParamSpec {
                 re.as_str()
             ));
         }
-        if self.kind == ParamType::Path && out.as_str().is_some_and(str::is_empty) {
-            return Err(format!(
-                "param `{}` is a path and must not be empty",
-                self.name
-            ));
+        if self.kind == ParamType::Path {
+            match out.as_str() {
+                Some("") => {
+                    return Err(format!(
+                        "param `{}` is a path and must not be empty",
+                        self.name
+                    ));
+                }
+                Some(p) => {
+                    return Ok(Json::String(
+                        absolute(Path::new(p)).to_string_lossy().into_owned(),
+                    ));
+                }
+                None => {}
+            }
         }
         Ok(out)
     }

@@ -169,7 +169,11 @@ impl Planner<'_> {
             path: runbook.source.path.clone(),
             params: frame.shown_params(),
             vars: frame.shown_vars(),
-            roots: frame.roots.clone(),
+            roots: frame
+                .roots
+                .iter()
+                .map(|r| PathBuf::from(frame.redactor.text(&r.to_string_lossy())))
+                .collect(),
             lock: runbook.lock.clone(),
             steps,
             rollback,
@@ -288,7 +292,8 @@ impl Planner<'_> {
                 return planned;
             }
         };
-        planned.args = Some(frame.redactor.json(&args));
+        let redactor = frame.redactor_for(&step.args, &args, self.templates);
+        planned.args = Some(redactor.json(&args));
         let reads = frame.reads.take();
         let unknown =
             (!reads.is_empty()).then(|| PlanVerdict::Unknown(reads.into_iter().collect()));
@@ -361,7 +366,7 @@ impl Planner<'_> {
                 if let Some(u) = unknown {
                     u
                 } else {
-                    let (verdict, steps) = self.plan_call(child, &args, world);
+                    let (verdict, steps) = self.plan_call(child, step, &args, frame, world);
                     planned.steps = steps;
                     verdict
                 }
@@ -378,9 +383,9 @@ impl Planner<'_> {
             (_, v) => v,
         };
         planned.verdict = match verdict {
-            PlanVerdict::WouldFail(d) => PlanVerdict::WouldFail(frame.redactor.text(&d)),
-            PlanVerdict::WillChange(d) => PlanVerdict::WillChange(frame.redactor.text(&d)),
-            PlanVerdict::NoChange(d) => PlanVerdict::NoChange(frame.redactor.text(&d)),
+            PlanVerdict::WouldFail(d) => PlanVerdict::WouldFail(redactor.text(&d)),
+            PlanVerdict::WillChange(d) => PlanVerdict::WillChange(redactor.text(&d)),
+            PlanVerdict::NoChange(d) => PlanVerdict::NoChange(redactor.text(&d)),
             other => other,
         };
         planned
@@ -407,10 +412,12 @@ impl Planner<'_> {
     fn plan_call(
         &self,
         child: &Arc<Runbook>,
+        step: &Step,
         args: &Json,
+        caller: &Frame,
         world: &mut World,
     ) -> (PlanVerdict, Vec<PlannedStep>) {
-        let frame = match child_frame(child, args, self.inputs, self.templates) {
+        let frame = match child_frame(child, step, args, caller, self.inputs, self.templates) {
             Ok(f) => f,
             Err(e) => return (PlanVerdict::WouldFail(e), Vec::new()),
         };
@@ -502,10 +509,14 @@ pub fn assert_message(args: &AssertArgs, frame: &Frame, templates: &Templates) -
 }
 
 /// The frame of a called runbook: its params from the call, then the run's vars
-/// files, then defaults.
+/// files, then defaults. It inherits its caller's secrets (secrecy follows the value:
+/// a secret passed to a param not declared secret is still masked there), and a param
+/// the call computes from a secret is secret whole.
 pub fn child_frame(
     child: &Arc<Runbook>,
+    step: &Step,
     args: &Json,
+    caller: &Frame,
     inputs: &ParamInputs,
     templates: &Templates,
 ) -> Result<Frame, String> {
@@ -518,6 +529,30 @@ pub fn child_frame(
         let json = serde_json::to_value(&v).map_err(|e| e.to_string())?;
         child_inputs.files.insert(k, json);
     }
-    Frame::new(child.clone(), &child_inputs, None, templates)
-        .map_err(|e| format!("calling `{}`: {e}", child.name))
+    let mut secret_params = std::collections::BTreeSet::new();
+    if let Some(serde_yaml::Value::Mapping(given)) = step.args.get("params") {
+        for (name, template) in given {
+            let mut sources = Vec::new();
+            collect_strings(template, &mut sources);
+            let derived = sources.iter().any(|(source, _)| {
+                templates
+                    .names_used(source)
+                    .iter()
+                    .any(|n| caller.secrets.contains(n))
+            });
+            if let (true, Some(name)) = (derived, name.as_str()) {
+                secret_params.insert(name.to_string());
+            }
+        }
+    }
+    let inherited = crate::frame::Inherited {
+        redactor: caller.redactor.clone(),
+        secret_params,
+        called: true,
+    };
+    Frame::new(child.clone(), &child_inputs, None, templates, inherited).map_err(|e| {
+        caller
+            .redactor
+            .text(&format!("calling `{}`: {e}", child.name))
+    })
 }

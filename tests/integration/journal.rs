@@ -340,7 +340,8 @@ fn a_runbook_calls_another_and_reads_its_outputs() {
     sb.write("vars.yaml", "dir: out\nunrelated: ignored\n");
     let plan = sb.run(&["plan", "ops/parent", "--vars", "vars.yaml"]);
     assert_eq!(plan.code, 0, "{plan:?}");
-    assert!(plan.stdout.contains("  will change call   runbook: runs `ops/child`: 1 step(s) will change, 0 unknown\n    will change write  write-file: create `out/world.txt` (11 bytes)\n"), "{plan:?}");
+    // A relative path param is frozen absolute (against the directory of the run).
+    assert!(sb.redact(&plan.stdout).contains("  will change call   runbook: runs `ops/child`: 1 step(s) will change, 0 unknown\n    will change write  write-file: create `{root}/out/world.txt` (11 bytes)\n"), "{plan:?}");
     let r = sb.run(&["run", "ops/parent", "--vars", "vars.yaml"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(sb.read("out/world.txt"), "hello world");
@@ -565,8 +566,13 @@ steps:
     child.wait().unwrap();
     sb.write("go", "");
 
-    // No --vars this time: the child still gets the run's greeting.
+    // The child's secret came from the vars file: resume asks for it again (its
+    // default is not what the run used).
     let r = sb.run(&["resume", &id]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("secret param `token` is not stored in the journal: give it again with --set token=... or --vars FILE"), "{r:?}");
+    // No --vars this time: the child still gets the run's greeting.
+    let r = sb.run(&["resume", &id, "--set", "token=s3cret-token"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(sb.read("said.log"), "from the vars file\n");
     let mut journal = std::fs::read(sb.p("state/journal.db")).unwrap();
