@@ -79,7 +79,7 @@ impl World {
     /// The step whose predicted effect decides what `path` will be, if any.
     pub fn predicted_by(&self, path: &Path) -> Option<&str> {
         let overlay = self.overlay.as_ref()?;
-        let path = normalize(path);
+        let path = key(path);
         path.ancestors()
             .find(|a| overlay.contains_key(*a))
             .and_then(|a| self.origins.get(a))
@@ -104,12 +104,12 @@ impl World {
         let Some(overlay) = &self.overlay else {
             return false;
         };
-        let path = normalize(path);
+        let path = key(path);
         path.ancestors().any(|a| overlay.contains_key(a))
     }
 
     pub fn node(&self, path: &Path) -> Node {
-        let path = normalize(path);
+        let path = key(path);
         if let Some(overlay) = &self.overlay {
             for ancestor in path.ancestors() {
                 match overlay.get(ancestor) {
@@ -130,7 +130,7 @@ impl World {
                     }
                     Some(Predicted::RealCopyOf(src)) => {
                         let rest = path.strip_prefix(ancestor).unwrap_or(Path::new(""));
-                        return real_node(&normalize(&src.join(rest)));
+                        return real_node(&key(&src.join(rest)));
                     }
                 }
             }
@@ -138,11 +138,28 @@ impl World {
         real_node(&path)
     }
 
+    /// What `path` is to something that goes through it: a directory to create entries
+    /// in or to run in, an ancestor on the way. A symlink found on disk there is
+    /// followed, as the kernel follows it (`/srv` a link to `/data/srv` is a
+    /// directory); `node` judges a final component as what it is.
+    pub fn node_followed(&self, path: &Path) -> Node {
+        match self.node(path) {
+            Node::Other if !self.is_predicted(path) => match std::fs::metadata(path) {
+                Ok(m) if m.is_dir() => Node::Dir,
+                Ok(m) if m.is_file() => Node::File { len: Some(m.len()) },
+                _ => Node::Other,
+            },
+            other => other,
+        }
+    }
+
     pub fn predict_dir(&mut self, path: &Path) {
-        let path = normalize(path);
+        let path = key(path);
         // A directory that is really there needs no prediction: what is below it
         // stays real (and `is_predicted` false) for the steps after.
-        if self.overlay.is_none() || (!self.is_predicted(&path) && real_node(&path) == Node::Dir) {
+        if self.overlay.is_none()
+            || (!self.is_predicted(&path) && self.node_followed(&path) == Node::Dir)
+        {
             return;
         }
         // Only directories that do not exist (really or as predicted) get an entry, so
@@ -150,7 +167,7 @@ impl World {
         let missing: Vec<PathBuf> = path
             .ancestors()
             .skip(1)
-            .filter(|a| self.node(a) != Node::Dir)
+            .filter(|a| self.node_followed(a) != Node::Dir)
             .map(Path::to_path_buf)
             .collect();
         if let Some(overlay) = &mut self.overlay {
@@ -172,18 +189,18 @@ impl World {
     }
 
     pub fn predict_file(&mut self, path: &Path, len: Option<u64>) {
-        let path = normalize(path);
+        let path = key(path);
         self.predict_replaced(&path, Predicted::File { len });
     }
 
     pub fn predict_copy(&mut self, from: &Path, to: &Path) {
-        let (from, to) = (normalize(from), normalize(to));
+        let (from, to) = (key(from), key(to));
         self.predict_replaced(&to, Predicted::CopyOf(from));
     }
 
     /// The owner or mode of `path` (and, if `recursive`, below it) will change.
     pub fn predict_attrs(&mut self, path: &Path) {
-        let path = normalize(path);
+        let path = key(path);
         if let Some(overlay) = &mut self.overlay {
             overlay.entry(path).or_insert(Predicted::Attrs);
         }
@@ -191,7 +208,7 @@ impl World {
 
     /// `to` takes what `from` holds; `from` is gone.
     pub fn predict_move(&mut self, from: &Path, to: &Path) {
-        let (from, to) = (normalize(from), normalize(to));
+        let (from, to) = (key(from), key(to));
         if self.is_predicted(&from) {
             // Its content is itself a prediction: keep only its kind.
             match self.node(&from) {
@@ -206,7 +223,7 @@ impl World {
     }
 
     pub fn predict_absent(&mut self, path: &Path) {
-        let path = normalize(path);
+        let path = key(path);
         self.predict_replaced(&path, Predicted::Absent);
     }
 
@@ -232,6 +249,14 @@ fn real_node(path: &Path) -> Node {
         Ok(m) if m.is_file() => Node::File { len: Some(m.len()) },
         Ok(_) => Node::Other,
     }
+}
+
+/// The name a path's predictions are kept under: absolute, with the symlinks on the
+/// way that exist on disk resolved (the last component stays as written), so that
+/// two spellings of one directory (`srv/app` and `disk/srv/app` when `srv` is a link)
+/// share what the plan predicts for it.
+fn key(path: &Path) -> PathBuf {
+    crate::actions::guard::resolve_on_the_way(path)
 }
 
 /// Absolute and free of `.`/`..`, without touching the filesystem (the path may not

@@ -103,13 +103,13 @@ impl Action for DaemonStart {
         Ok(())
     }
 
-    fn preflight(&self, args: &DaemonStartArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+    fn preflight(&self, args: &DaemonStartArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         if let Some(pid) = running(&args.pidfile).filter(|_| !world.is_predicted(&args.pidfile)) {
             return Verdict::NoChange(format!("running as pid {pid} ({})", args.pidfile.display()));
         }
         let program = &args.argv[0];
         let found = if program.contains('/') {
-            matches!(world.node(Path::new(program)), Node::File { .. })
+            matches!(world.node_followed(Path::new(program)), Node::File { .. })
         } else {
             std::env::var_os("PATH")
                 .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
@@ -117,12 +117,24 @@ impl Action for DaemonStart {
         if !found {
             return Verdict::WouldFail(format!("program `{program}` not found"));
         }
+        // The program is started in `cwd`: a missing one would fail only at run time.
+        if let Some(cwd) = &args.cwd
+            && world.node_followed(cwd) != Node::Dir
+        {
+            return Verdict::WouldFail(format!(
+                "working directory `{}` does not exist",
+                cwd.display()
+            ));
+        }
         for (what, path) in [("pidfile", &args.pidfile), ("log", &args.log)] {
             let parent = crate::world::normalize(path)
                 .parent()
                 .map(Path::to_path_buf)
                 .unwrap_or_default();
-            if world.node(&parent) != Node::Dir {
+            if let Err(e) = crate::actions::guard::writable(path, ctx) {
+                return Verdict::WouldFail(e.to_string());
+            }
+            if world.node_followed(&parent) != Node::Dir {
                 return Verdict::WouldFail(format!(
                     "the {what}'s directory `{}` does not exist",
                     parent.display()
@@ -148,6 +160,8 @@ impl Action for DaemonStart {
             out.insert("started".into(), json!(false));
             return Ok(out);
         }
+        crate::actions::guard::writable(&args.pidfile, ctx)?;
+        crate::actions::guard::writable(&args.log, ctx)?;
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)

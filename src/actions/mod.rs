@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod files;
+pub mod guard;
 pub mod http;
 pub mod json;
 pub mod process;
@@ -13,7 +14,7 @@ pub mod services;
 pub mod snapshots;
 pub mod sqlite;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use schemars::{JsonSchema, Schema, SchemaGenerator};
@@ -65,6 +66,9 @@ pub enum ActionError {
     // is set, and "timed out after 199ms 998us" for a 200ms timeout helps nobody.
     #[error("timed out after {}", humantime::format_duration(Duration::from_millis((.0.as_micros() as u64 + 500) / 1000)))]
     TimedOut(Duration),
+    /// The shared path guard refused the target (see `guard.rs`).
+    #[error(transparent)]
+    Refused(#[from] guard::Refusal),
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -82,9 +86,11 @@ impl ActionError {
 /// What every action may consult besides its arguments.
 #[derive(Debug, Clone)]
 pub struct ActionCtx {
-    /// Rendered `roots` of the runbook: destructive actions act only below these.
+    /// Rendered `roots` of the runbook: destructive actions act only below these
+    /// (judged by `guard::destructive`).
     pub roots: Vec<PathBuf>,
-    /// The journal's directory: never a target of a destructive action.
+    /// The journal's directory: nothing in it, nor anything holding it, is a target of
+    /// a writing action (`guard::writable`).
     pub state_dir: PathBuf,
     /// The step's `timeout`, as a deadline.
     pub deadline: Option<Instant>,
@@ -349,47 +355,4 @@ impl Mode {
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text.trim())
         .map_err(|e| format!("`{text}` is not a duration like `30s` or `10m` ({e})"))
-}
-
-/// Refuses a destructive action on a path that is empty, `/`, the state dir (or holds
-/// it), or not strictly below one of the declared roots.
-pub fn check_destructive(path: &Path, ctx: &ActionCtx) -> Result<PathBuf, String> {
-    if path.as_os_str().is_empty() {
-        return Err("refusing to act on an empty path".into());
-    }
-    let target = crate::world::normalize(path);
-    if target == Path::new("/") {
-        return Err("refusing to act on `/`".into());
-    }
-    let state = crate::world::normalize(&ctx.state_dir);
-    if state.starts_with(&target) {
-        return Err(format!(
-            "refusing to act on `{}`: it holds the runbook state dir",
-            target.display()
-        ));
-    }
-    let roots: Vec<PathBuf> = ctx
-        .roots
-        .iter()
-        .map(|r| crate::world::normalize(r))
-        .collect();
-    if roots.iter().any(|r| target.starts_with(r) && &target != r) {
-        return Ok(target);
-    }
-    if roots.is_empty() {
-        Err(format!(
-            "refusing to act on `{}`: the runbook declares no `roots`",
-            target.display()
-        ))
-    } else {
-        Err(format!(
-            "refusing to act on `{}`: it is not below a declared root ({})",
-            target.display(),
-            roots
-                .iter()
-                .map(|r| r.display().to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ))
-    }
 }

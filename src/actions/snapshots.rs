@@ -21,7 +21,8 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, check_destructive};
+use super::guard::{self, Below, Reach};
+use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::{Node, World};
 
 /// Delete snapshots the retention policy does not keep.
@@ -110,7 +111,7 @@ impl Action for SnapshotList {
                 args.dir.display()
             ));
         }
-        match world.node(&args.dir) {
+        match world.node_followed(&args.dir) {
             Node::Dir => match snapshot_listing(args) {
                 Ok(out) => Verdict::NoChange(format!(
                     "{} snapshots in `{}`; latest {}",
@@ -248,13 +249,16 @@ impl Action for Retention {
     }
 
     fn preflight(&self, args: &RetentionArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
+        if let Err(e) = guard::destructive(&args.dir, Reach::Entry, Below::OrAt, ctx) {
+            return Verdict::WouldFail(e.to_string());
+        }
         if world.is_predicted(&args.dir) {
             return Verdict::WillChange(format!(
                 "apply retention in `{}` after the steps before this one",
                 args.dir.display()
             ));
         }
-        if world.node(&args.dir) != Node::Dir {
+        if world.node_followed(&args.dir) != Node::Dir {
             return Verdict::WouldFail(format!("`{}` is not a directory", args.dir.display()));
         }
         let names = match list(&args.dir) {
@@ -264,8 +268,8 @@ impl Action for Retention {
         let d = decide(&names, args.keep_daily, args.keep_weekly, args.keep_monthly);
         for stamp in &d.delete {
             let path = args.dir.join(stamp);
-            if let Err(e) = check_destructive(&path, ctx) {
-                return Verdict::WouldFail(e);
+            if let Err(e) = guard::destructive(&path, Reach::Tree, Below::Strictly, ctx) {
+                return Verdict::WouldFail(e.to_string());
             }
             world.predict_absent(&path);
         }
@@ -293,11 +297,19 @@ impl Action for Retention {
     }
 
     fn execute(&self, args: &RetentionArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        guard::destructive(&args.dir, Reach::Entry, Below::OrAt, ctx)?;
         let names = list(&args.dir).map_err(ActionError::Failed)?;
         let d = decide(&names, args.keep_daily, args.keep_weekly, args.keep_monthly);
-        for stamp in &d.delete {
-            let path =
-                check_destructive(&args.dir.join(stamp), ctx).map_err(ActionError::Failed)?;
+        // Every snapshot is cleared before the first goes, so a refusal deletes nothing.
+        let cleared = d
+            .delete
+            .iter()
+            .map(|stamp| {
+                guard::destructive(&args.dir.join(stamp), Reach::Tree, Below::Strictly, ctx)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        for path in cleared.into_iter().map(|c| c.resolved) {
+            // remove_dir_all does not follow symlinks found in the tree.
             std::fs::remove_dir_all(&path)
                 .map_err(ActionError::io(format!("remove {}", path.display())))?;
         }

@@ -37,9 +37,7 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::files::{fsync_parent, parent_is_dir, remove_any, show, sibling};
-use super::{
-    Action, ActionCtx, ActionError, Effect, Outputs, Verdict, check_destructive, parse_duration,
-};
+use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, guard, parse_duration};
 use crate::world::{Node, World, normalize};
 
 /// The first 16 bytes of every SQLite database file.
@@ -410,7 +408,7 @@ fn after(world: &World, path: &Path, what: &str) -> Verdict {
 
 /// A read-only step's input must be a file (real or predicted).
 fn input_file(world: &World, path: &Path) -> Result<(), String> {
-    match world.node(path) {
+    match world.node_followed(path) {
         Node::File { .. } => Ok(()),
         Node::Missing => Err(format!("{} does not exist", show(path))),
         _ => Err(format!("{} is not a file", show(path))),
@@ -808,6 +806,7 @@ fn check_dest(args: &BackupArgs, world: &World, ctx: &ActionCtx) -> Result<bool,
     if source == dest {
         return Err(format!("`dest` is the source itself ({})", show(&dest)));
     }
+    guard::writable(&dest, ctx).map_err(|e| e.to_string())?;
     parent_is_dir(&dest, world)?;
     for suffix in ["-wal", "-journal"] {
         let side = side_file(&dest, suffix);
@@ -821,9 +820,11 @@ fn check_dest(args: &BackupArgs, world: &World, ctx: &ActionCtx) -> Result<bool,
     }
     match world.node(&dest) {
         Node::Missing => Ok(false),
-        Node::File { .. } => check_destructive(&dest, ctx)
-            .map(|_| true)
-            .map_err(|e| format!("{} exists and would be replaced, but {e}", show(&dest))),
+        Node::File { .. } => {
+            guard::destructive(&dest, guard::Reach::Entry, guard::Below::Strictly, ctx)
+                .map(|_| true)
+                .map_err(|e| format!("{} exists and would be replaced, but {e}", show(&dest)))
+        }
         _ => Err(format!(
             "{} exists and is not a file (`dest` names the snapshot file itself)",
             show(&dest)
@@ -1011,7 +1012,7 @@ impl Action for SqliteBackup {
         if let Some(Err(e)) = args.timeout.as_deref().map(parse_duration) {
             return Verdict::WouldFail(e);
         }
-        match world.node(&args.source) {
+        match world.node_followed(&args.source) {
             Node::File { .. } => {}
             Node::Missing => {
                 return Verdict::WouldFail(format!("source {} does not exist", show(&args.source)));

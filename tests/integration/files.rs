@@ -259,6 +259,7 @@ fn chown_chmod_and_path_check_act_on_real_ownership() {
     sb.write(
         "runbooks/perms.yaml",
         r#"version: 1
+roots: ["{root}/data"]
 steps:
   - id: own
     action: chown

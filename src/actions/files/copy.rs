@@ -7,9 +7,8 @@ use std::path::PathBuf;
 use super::owner::Owner;
 use super::tree::{CopyOptions, copy_file, copy_tree, same_copy, tree_size};
 use super::{fsync_parent, mode_of, parent_is_dir, remove_any, show, sibling};
-use crate::actions::{
-    Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, check_destructive,
-};
+use crate::actions::guard::{self, Below, Reach, Refusal};
+use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict};
 use crate::world::{Node, World};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -86,6 +85,9 @@ impl Action for Copy {
         if let Some(Err(e)) = args.mode.as_ref().map(Mode::bits) {
             return Verdict::WouldFail(e);
         }
+        if let Err(e) = guard::writable(&args.to, ctx) {
+            return Verdict::WouldFail(e.to_string());
+        }
         let what = match world.node(&args.from) {
             Node::Missing if args.if_exists => {
                 return Verdict::NoChange(format!(
@@ -128,8 +130,8 @@ impl Action for Copy {
                 show(&args.to),
                 show(&args.from)
             ))
-        } else if let Err(e) = check_destructive(&args.to, ctx) {
-            Verdict::WouldFail(e)
+        } else if let Err(e) = guard_replace(args, ctx) {
+            Verdict::WouldFail(e.to_string())
         } else {
             Verdict::WillChange(format!(
                 "replace {} with a copy of {what} {}",
@@ -144,6 +146,7 @@ impl Action for Copy {
     }
 
     fn execute(&self, args: &CopyArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        guard::writable(&args.to, ctx)?;
         if args.if_exists && fs::symlink_metadata(&args.from).is_err() {
             let mut out = Outputs::new();
             out.insert("path".into(), json!(args.to));
@@ -181,7 +184,7 @@ impl Action for Copy {
                     args.from.display()
                 )));
             }
-            check_destructive(&args.to, ctx).map_err(ActionError::Failed)?;
+            guard_replace(args, ctx)?;
             if let Some(keep) = &args.keep_replaced
                 && fs::symlink_metadata(keep).is_ok()
             {
@@ -259,6 +262,16 @@ impl Action for Copy {
         out.insert("copied".into(), json!(true));
         Ok(out)
     }
+}
+
+/// Replacing `to` deletes it (a tree: everything below it) or moves it aside to
+/// `keep_replaced`: both must pass the destructive guard.
+fn guard_replace(args: &CopyArgs, ctx: &ActionCtx) -> Result<(), Refusal> {
+    guard::destructive(&args.to, Reach::Tree, Below::Strictly, ctx)?;
+    if let Some(keep) = &args.keep_replaced {
+        guard::destructive(keep, Reach::Entry, Below::Strictly, ctx)?;
+    }
+    Ok(())
 }
 
 /// The destination already is what this step makes: the same copy, with the owner

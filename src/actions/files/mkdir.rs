@@ -5,7 +5,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use super::{fsync_parent, mode_of, show};
-use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict};
+use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, guard};
 use crate::world::{Node, World};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -41,11 +41,14 @@ impl Action for Mkdir {
         }
     }
 
-    fn preflight(&self, args: &MkdirArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+    fn preflight(&self, args: &MkdirArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         let want = match args.mode.as_ref().map(Mode::bits).transpose() {
             Ok(m) => m,
             Err(e) => return Verdict::WouldFail(e),
         };
+        if let Err(e) = guard::writable(&args.path, ctx) {
+            return Verdict::WouldFail(e.to_string());
+        }
         let verdict = match world.node(&args.path) {
             Node::Dir => match want {
                 Some(bits)
@@ -61,7 +64,7 @@ impl Action for Mkdir {
                     .ancestors()
                     .skip(1)
                     .find(|a| world.node(a) != Node::Missing)
-                    .filter(|a| world.node(a) != Node::Dir);
+                    .filter(|a| world.node_followed(a) != Node::Dir);
                 match blocked {
                     Some(a) => Verdict::WouldFail(format!("{} is not a directory", show(a))),
                     None => Verdict::WillChange(format!("create {}", show(&args.path))),
@@ -78,7 +81,8 @@ impl Action for Mkdir {
         verdict
     }
 
-    fn execute(&self, args: &MkdirArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
+    fn execute(&self, args: &MkdirArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        guard::writable(&args.path, ctx)?;
         let existed = args.path.is_dir();
         fs::create_dir_all(&args.path)
             .map_err(ActionError::io(format!("create {}", args.path.display())))?;

@@ -11,7 +11,8 @@ use serde_json::json;
 
 use super::tree::{CopyOptions, copy_file, copy_tree, same_copy};
 use super::{fsync_parent, parent_is_dir, remove_any, show, sibling};
-use crate::actions::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, check_destructive};
+use crate::actions::guard::{self, Below, Reach};
+use crate::actions::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::{Node, World};
 
 /// Move (rename) a file or tree; works across filesystems.
@@ -51,6 +52,9 @@ impl Action for Move {
     }
 
     fn preflight(&self, args: &MoveArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
+        if let Err(e) = guard::writable(&args.to, ctx) {
+            return Verdict::WouldFail(e.to_string());
+        }
         let from = world.node(&args.from);
         let to = world.node(&args.to);
         if from == Node::Missing && to != Node::Missing {
@@ -69,8 +73,9 @@ impl Action for Move {
         if from == Node::Missing {
             return Verdict::WouldFail(format!("{} does not exist", show(&args.from)));
         }
-        if let Err(e) = check_destructive(&args.from, ctx) {
-            return Verdict::WouldFail(e);
+        // A cross-filesystem move deletes its source tree: the whole tree is guarded.
+        if let Err(e) = guard::destructive(&args.from, Reach::Tree, Below::Strictly, ctx) {
+            return Verdict::WouldFail(e.to_string());
         }
         if to != Node::Missing {
             return Verdict::WouldFail(format!("{} already exists", show(&args.to)));
@@ -83,6 +88,7 @@ impl Action for Move {
     }
 
     fn execute(&self, args: &MoveArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        guard::writable(&args.to, ctx)?;
         let from_meta = fs::symlink_metadata(&args.from).ok();
         let to_exists = fs::symlink_metadata(&args.to).is_ok();
         // An earlier attempt may have finished: the data is at `to` and `from` is gone.
@@ -96,7 +102,7 @@ impl Action for Move {
                 )))
             };
         };
-        check_destructive(&args.from, ctx).map_err(ActionError::Failed)?;
+        guard::destructive(&args.from, Reach::Tree, Below::Strictly, ctx)?;
         if to_exists {
             // An interrupted cross-filesystem move: the copy is complete at `to` and only
             // deleting the source was left.

@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::show;
+use crate::actions::guard::{self, Below, Reach, Refusal};
 use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict};
 use crate::world::{Node, World};
 
@@ -88,9 +89,13 @@ fn lookup_group(name: &str) -> Result<u32, String> {
     Ok(unsafe { (*gr).gr_gid })
 }
 
-/// `path` and, when `recursive`, everything below it (symlinks not followed).
+/// `path` and, when `recursive`, everything below it. Symlinks are not followed, not
+/// even `path` itself (walkdir follows a root link unless told not to).
 fn entries(path: &Path, recursive: bool) -> Vec<(PathBuf, fs::Metadata)> {
-    let walk = walkdir::WalkDir::new(path).max_depth(if recursive { usize::MAX } else { 0 });
+    let walk = walkdir::WalkDir::new(path)
+        .follow_links(false)
+        .follow_root_links(false)
+        .max_depth(if recursive { usize::MAX } else { 0 });
     walk.into_iter()
         .flatten()
         .filter_map(|e| e.metadata().ok().map(|m| (e.into_path(), m)))
@@ -101,9 +106,24 @@ fn owner_text(meta: &fs::Metadata) -> String {
     format!("{}:{}", meta.uid(), meta.gid())
 }
 
+/// The guard shared by chown and chmod: never the state dir; a recursive change
+/// walks a whole tree, so it is destructive-grade: at or below a root, no symlink on
+/// the way below a root, and no other filesystem mounted below it (a tree on one
+/// filesystem is changed whole, or not at all).
+fn guard_target(path: &Path, recursive: bool, ctx: &ActionCtx) -> Result<(), Refusal> {
+    guard::writable(path, ctx)?;
+    if recursive {
+        guard::destructive(path, Reach::Tree, Below::OrAt, ctx)?;
+    }
+    Ok(())
+}
+
 /// Preflight shared by chown and chmod: the path must exist; when it is only
 /// predicted, its current metadata cannot be read yet.
-fn target(path: &Path, world: &World) -> Result<bool, Verdict> {
+fn target(path: &Path, recursive: bool, world: &World, ctx: &ActionCtx) -> Result<bool, Verdict> {
+    if let Err(e) = guard_target(path, recursive, ctx) {
+        return Err(Verdict::WouldFail(e.to_string()));
+    }
     match world.node(path) {
         Node::Missing => Err(Verdict::WouldFail(format!("{} does not exist", show(path)))),
         _ => Ok(world.is_predicted(path)),
@@ -119,7 +139,8 @@ pub struct ChownArgs {
     pub path: PathBuf,
     /// `uid:gid` (`1000:1000`), `user:group`, `user` or `:group`.
     pub owner: String,
-    /// Also everything below `path` (symlinks themselves, never their targets).
+    /// Also everything below `path` (symlinks themselves, never their targets); then
+    /// `path` must be at or below a root and the tree on one filesystem.
     #[serde(default)]
     pub recursive: bool,
 }
@@ -146,12 +167,12 @@ impl Action for Chown {
             .map_err(|e| ("owner".into(), e))
     }
 
-    fn preflight(&self, args: &ChownArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+    fn preflight(&self, args: &ChownArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         let owner = match Owner::parse(&args.owner) {
             Ok(o) => o,
             Err(e) => return Verdict::WouldFail(e),
         };
-        match target(&args.path, world) {
+        match target(&args.path, args.recursive, world, ctx) {
             Err(v) => v,
             Ok(true) => Verdict::WillChange(format!("chown {owner} {}", show(&args.path))),
             Ok(false) => {
@@ -172,8 +193,9 @@ impl Action for Chown {
         }
     }
 
-    fn execute(&self, args: &ChownArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
+    fn execute(&self, args: &ChownArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
         let owner = Owner::parse(&args.owner).map_err(ActionError::Failed)?;
+        guard_target(&args.path, args.recursive, ctx)?;
         if fs::symlink_metadata(&args.path).is_err() {
             return Err(ActionError::Failed(format!(
                 "{} does not exist",
@@ -257,12 +279,12 @@ impl Action for Chmod {
         Ok(())
     }
 
-    fn preflight(&self, args: &ChmodArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+    fn preflight(&self, args: &ChmodArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         let bits = match args.mode.bits() {
             Ok(b) => b,
             Err(e) => return Verdict::WouldFail(e),
         };
-        match target(&args.path, world) {
+        match target(&args.path, args.recursive, world, ctx) {
             Err(v) => v,
             Ok(true) => Verdict::WillChange(format!("chmod {bits:04o} {}", show(&args.path))),
             Ok(false) => match Self::plan(args) {
@@ -283,7 +305,8 @@ impl Action for Chmod {
         }
     }
 
-    fn execute(&self, args: &ChmodArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
+    fn execute(&self, args: &ChmodArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        guard_target(&args.path, args.recursive, ctx)?;
         if fs::symlink_metadata(&args.path).is_err() {
             return Err(ActionError::Failed(format!(
                 "{} does not exist",

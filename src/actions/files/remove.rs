@@ -4,7 +4,8 @@ use std::fs::{self};
 use std::path::PathBuf;
 
 use super::{fsync_parent, remove_any, show};
-use crate::actions::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, check_destructive};
+use crate::actions::guard::{self, Below, Reach};
+use crate::actions::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::{Node, World};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -14,7 +15,9 @@ use serde_json::json;
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RemoveArgs {
-    /// What to remove. Refused when empty, `/`, the state dir, or not below a root.
+    /// What to remove. Refused when empty, `/`, in or holding the state dir, not below a
+    /// root, reached through a symlink below a root, or holding a mount point. A
+    /// symlink is removed as a link.
     pub path: PathBuf,
 }
 
@@ -31,8 +34,8 @@ impl Action for Remove {
     }
 
     fn preflight(&self, args: &RemoveArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
-        if let Err(e) = check_destructive(&args.path, ctx) {
-            return Verdict::WouldFail(e);
+        if let Err(e) = guard::destructive(&args.path, Reach::Tree, Below::Strictly, ctx) {
+            return Verdict::WouldFail(e.to_string());
         }
         let verdict = match world.node(&args.path) {
             Node::Missing => Verdict::NoChange(format!("{} does not exist", show(&args.path))),
@@ -44,7 +47,8 @@ impl Action for Remove {
     }
 
     fn execute(&self, args: &RemoveArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
-        let target = check_destructive(&args.path, ctx).map_err(ActionError::Failed)?;
+        // The path as resolved by the guard: what was checked is what is removed.
+        let target = guard::destructive(&args.path, Reach::Tree, Below::Strictly, ctx)?.resolved;
         let existed = fs::symlink_metadata(&target).is_ok();
         remove_any(&target).map_err(ActionError::io(format!("remove {}", target.display())))?;
         if existed {

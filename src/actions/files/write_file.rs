@@ -6,7 +6,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use super::{fsync_parent, mode_of, parent_is_dir, show, sibling};
-use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict};
+use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, guard};
 use crate::world::{Node, World};
 use schemars::JsonSchema;
 use serde::Deserialize;
@@ -52,11 +52,14 @@ impl Action for WriteFile {
         }
     }
 
-    fn preflight(&self, args: &WriteFileArgs, world: &mut World, _: &ActionCtx) -> Verdict {
+    fn preflight(&self, args: &WriteFileArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         let bits = match Self::bits(args) {
             Ok(b) => b,
             Err(e) => return Verdict::WouldFail(e),
         };
+        if let Err(e) = guard::writable(&args.path, ctx) {
+            return Verdict::WouldFail(e.to_string());
+        }
         if let Err(e) = parent_is_dir(&args.path, world) {
             return Verdict::WouldFail(e);
         }
@@ -83,7 +86,8 @@ impl Action for WriteFile {
         verdict
     }
 
-    fn execute(&self, args: &WriteFileArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
+    fn execute(&self, args: &WriteFileArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        guard::writable(&args.path, ctx)?;
         let bits = Self::bits(args).map_err(ActionError::Failed)?;
         let partial = sibling(&args.path, "partial");
         let mut f = File::create(&partial)
