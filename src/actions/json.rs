@@ -136,7 +136,7 @@ impl Action for JsonCheck {
         if let Err((_, why)) = compile_all("expect", &args.expect) {
             return Verdict::WouldFail(why);
         }
-        match world.node(&args.path) {
+        match world.node_followed(&args.path) {
             Node::Missing => Verdict::WouldFail(format!("{shown} does not exist")),
             Node::Dir => Verdict::WouldFail(format!("{shown} is a directory")),
             _ if world.is_predicted(&args.path) => Verdict::Deferred(format!(

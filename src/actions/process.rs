@@ -58,7 +58,7 @@ pub fn display_argv(argv: &[String]) -> String {
 pub fn find_program(program: &str, world: &World) -> Option<PathBuf> {
     if program.contains('/') {
         let p = PathBuf::from(program);
-        return matches!(world.node(&p), Node::File { .. } | Node::Other).then_some(p);
+        return matches!(world.node_followed(&p), Node::File { .. } | Node::Other).then_some(p);
     }
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)
@@ -95,7 +95,7 @@ impl Action for Exec {
             return Verdict::WouldFail(format!("program `{program}` not found"));
         }
         if let Some(cwd) = &args.cwd
-            && world.node(cwd) != Node::Dir
+            && world.node_followed(cwd) != Node::Dir
         {
             return Verdict::WouldFail(format!(
                 "working directory `{}` does not exist",

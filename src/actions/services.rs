@@ -410,7 +410,7 @@ fn judge<'a>(args: &'a ComposeArgs, world: &World) -> Result<Judged<'a>, String>
     }
     let project = Project::new(args)?;
     if let Some(dir) = &args.project_dir
-        && world.node(dir) != Node::Dir
+        && world.node_followed(dir) != Node::Dir
     {
         return Err(format!(
             "project directory `{}` does not exist",
@@ -418,7 +418,7 @@ fn judge<'a>(args: &'a ComposeArgs, world: &World) -> Result<Judged<'a>, String>
         ));
     }
     if let Some(file) = &args.file
-        && !matches!(world.node(file), Node::File { .. })
+        && !matches!(world.node_followed(file), Node::File { .. })
     {
         return Err(format!("compose file `{}` does not exist", file.display()));
     }

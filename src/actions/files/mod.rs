@@ -32,13 +32,14 @@ pub(crate) fn show(p: &Path) -> String {
     format!("`{}`", p.display())
 }
 
-/// The parent of `path` must be (or be predicted to be) a directory.
+/// The parent of `path` must be (or be predicted to be) a directory; a symlink to a
+/// directory is one (entries are created through it).
 pub(crate) fn parent_is_dir(path: &Path, world: &World) -> Result<(), String> {
     let parent = crate::world::normalize(path)
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_else(|| PathBuf::from("/"));
-    match world.node(&parent) {
+    match world.node_followed(&parent) {
         Node::Dir => Ok(()),
         Node::Missing => Err(format!(
             "parent directory {} does not exist (add a `mkdir` step before this one)",

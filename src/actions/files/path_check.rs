@@ -70,11 +70,18 @@ fn sha256_file(path: &std::path::Path) -> std::io::Result<String> {
     }
 }
 
+/// What the path gives access to: a symlink is followed, as `test -d` and `stat -L`
+/// follow it (a data dir that is a link to a bigger disk is a directory); a dangling
+/// link exists, as itself.
+fn stat(path: &std::path::Path) -> std::io::Result<fs::Metadata> {
+    fs::metadata(path).or_else(|_| fs::symlink_metadata(path))
+}
+
 /// What a path is, as outputs.
 fn describe(path: &std::path::Path) -> Outputs {
     let mut out = Outputs::new();
     out.insert("path".into(), json!(path));
-    match fs::symlink_metadata(path) {
+    match stat(path) {
         Err(_) => {
             out.insert("exists".into(), json!(false));
         }
@@ -121,7 +128,7 @@ impl PathCheck {
         if !exists {
             return Ok((problems, found));
         }
-        let meta = fs::symlink_metadata(&args.path).map_err(|e| e.to_string())?;
+        let meta = stat(&args.path).map_err(|e| e.to_string())?;
         match args.kind {
             Kind::File if !meta.is_file() => problems.push(format!(
                 "is a {}, not a file",
@@ -188,7 +195,7 @@ impl Action for PathCheck {
     fn preflight(&self, args: &PathCheckArgs, world: &mut World, _: &ActionCtx) -> Verdict {
         if world.is_predicted(&args.path) {
             // An earlier step of this plan creates or removes it: judge what the plan knows.
-            let node = world.node(&args.path);
+            let node = world.node_followed(&args.path);
             let exists = node != Node::Missing;
             if exists != args.exists {
                 return Verdict::WouldFail(format!(
