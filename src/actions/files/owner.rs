@@ -226,7 +226,8 @@ pub struct ChmodArgs {
     pub path: PathBuf,
     /// Octal mode for `path` (and, when recursive, for every file below it).
     pub mode: Mode,
-    /// With `recursive`, the mode for directories below `path` (default: leave them).
+    /// With `recursive`, the mode for every directory, `path` itself included
+    /// (default: `path` takes `mode`, the directories below are left).
     #[serde(default)]
     pub dir_mode: Option<Mode>,
     #[serde(default)]
@@ -241,10 +242,17 @@ impl Chmod {
         if meta.file_type().is_symlink() {
             return Ok(None);
         }
-        if path == args.path || !meta.is_dir() {
+        if !meta.is_dir() || !args.recursive {
             return args.mode.bits().map(Some);
         }
-        args.dir_mode.as_ref().map(Mode::bits).transpose()
+        // Every directory of a recursive change gets `dir_mode`, the top one too (a
+        // 0640 file mode would make the top directory untraversable); without it
+        // only the top directory takes `mode`, and those below are left as they are.
+        match &args.dir_mode {
+            Some(dir_mode) => dir_mode.bits().map(Some),
+            None if path == args.path => args.mode.bits().map(Some),
+            None => Ok(None),
+        }
     }
 
     fn plan(args: &ChmodArgs) -> Result<Vec<(PathBuf, u32, u32)>, String> {
