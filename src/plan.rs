@@ -310,8 +310,20 @@ impl Planner<'_> {
                     progress: false,
                     probe: false,
                 };
-                let _ = action.preflight(&args, world, &ctx);
-                unknown.unwrap_or(PlanVerdict::Unknown(Vec::new()))
+                world.set_step(&step.id);
+                world.take_opaque_reads();
+                let verdict = action.preflight(&args, world, &ctx);
+                let opaque_reads = record_effects(step, *action, &args, &verdict, true, world);
+                let mut waits = match unknown {
+                    Some(PlanVerdict::Unknown(steps)) => steps,
+                    _ => Vec::new(),
+                };
+                for s in opaque_reads {
+                    if !waits.contains(&s) {
+                        waits.push(s);
+                    }
+                }
+                PlanVerdict::Unknown(waits)
             }
             StepKind::Action(action) => unknown.unwrap_or_else(|| {
                 let ctx = ActionCtx {
@@ -322,8 +334,15 @@ impl Planner<'_> {
                     probe: self.probe,
                 };
                 world.set_step(&step.id);
+                world.take_opaque_reads();
                 let read_only = action.effect(&args) == crate::actions::Effect::ReadOnly;
                 let verdict = action.preflight(&args, world, &ctx);
+                let opaque_reads = record_effects(step, *action, &args, &verdict, false, world);
+                if !opaque_reads.is_empty() {
+                    // It read what an earlier opaque step may change: today's disk does
+                    // not tell its outcome (nor, for a check the plan runs, its outputs).
+                    return PlanVerdict::Unknown(opaque_reads);
+                }
                 if read_only && matches!(verdict, Verdict::NoChange(_) | Verdict::WouldFail(_)) {
                     *known = if action.plan_runs_it() {
                         // A local read-only check judged on the real system: its outputs
@@ -425,6 +444,50 @@ impl Planner<'_> {
         let steps = self.plan_steps(&child.steps, &mut frame, world);
         let verdict = summarize(child, &steps);
         (verdict, steps)
+    }
+}
+
+/// After a step's preflight: the opaque steps whose reach it read (its verdict is then
+/// unknown until they run), with the effects it leaves for the steps after it recorded
+/// in `world`. An action whose effects cannot be predicted (`exec`, a started service,
+/// a `POST`) makes what it may reach opaque, unless it will do nothing; and a step that
+/// changes things but could not predict its effect, because it would fail on a guess
+/// (an earlier opaque step's reach, or placeholders for outputs), may touch anything it
+/// looked at, so that is opaque too, rather than a false "does not exist" later.
+fn record_effects(
+    step: &Step,
+    action: &dyn crate::actions::ActionKind,
+    args: &Json,
+    verdict: &Verdict,
+    values_unknown: bool,
+    world: &mut World,
+) -> Vec<String> {
+    let (opaque_reads, queried) = world.take_opaque_reads();
+    let guessed = values_unknown || !opaque_reads.is_empty();
+    let read_only = action.effect(args) == crate::actions::Effect::ReadOnly;
+    let does_nothing = matches!(verdict, Verdict::NoChange(_)) && !guessed;
+    let failed = matches!(verdict, Verdict::WouldFail(_));
+    if let Some(scope) = action
+        .opaque(args)
+        .filter(|_| !does_nothing && (!failed || guessed))
+    {
+        world.predict_opaque(&step.id, scope);
+    } else if failed && guessed && !read_only {
+        let mut reach = queried;
+        named_paths(args, &mut reach);
+        world.predict_opaque(&step.id, crate::world::OpaqueScope::Below(reach));
+    }
+    opaque_reads
+}
+
+/// Every string of a step's rendered arguments, taken as a path: what it may touch is
+/// among them (a `copy`'s `to`), and a string that is no path names nothing real.
+fn named_paths(args: &Json, out: &mut Vec<PathBuf>) {
+    match args {
+        Json::String(s) if !s.is_empty() => out.push(PathBuf::from(s)),
+        Json::Array(items) => items.iter().for_each(|i| named_paths(i, out)),
+        Json::Object(map) => map.values().for_each(|v| named_paths(v, out)),
+        _ => {}
     }
 }
 

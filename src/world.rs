@@ -5,7 +5,8 @@
 //! nothing while still letting a step that creates a directory make the next step's
 //! "parent exists" check pass.
 
-use std::collections::BTreeMap;
+use std::cell::RefCell;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Component, Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub struct World {
     origins: BTreeMap<PathBuf, String>,
     /// The step being planned; set by the planner before each preflight.
     step: Option<String>,
+    /// Steps whose effects cannot be predicted, and what the current step read of
+    /// what they may have changed (see [`Opaque`]).
+    opaque: Opacity,
 }
 
 impl World {
@@ -80,6 +84,9 @@ impl World {
     pub fn predicted_by(&self, path: &Path) -> Option<&str> {
         let overlay = self.overlay.as_ref()?;
         let path = key(path);
+        if let Some(step) = self.opaque.read(&path) {
+            return Some(step);
+        }
         path.ancestors()
             .find(|a| overlay.contains_key(*a))
             .and_then(|a| self.origins.get(a))
@@ -105,12 +112,15 @@ impl World {
             return false;
         };
         let path = key(path);
-        path.ancestors().any(|a| overlay.contains_key(a))
+        self.opaque.read(&path).is_some() || path.ancestors().any(|a| overlay.contains_key(a))
     }
 
     pub fn node(&self, path: &Path) -> Node {
         let path = key(path);
         if let Some(overlay) = &self.overlay {
+            // Today's guess is still the answer, but the step's verdict is no longer
+            // known: the planner sees the read.
+            self.opaque.read(&path);
             for ancestor in path.ancestors() {
                 match overlay.get(ancestor) {
                     None | Some(Predicted::Attrs) => continue,
@@ -179,11 +189,14 @@ impl World {
                 if let Some(step) = &self.step {
                     self.origins.insert(ancestor.clone(), step.clone());
                 }
+                self.opaque.cleared(&ancestor, false);
                 overlay.insert(ancestor, Predicted::Dir);
             }
             if let Some(step) = &self.step {
                 self.origins.insert(path.clone(), step.clone());
             }
+            // Only the directory itself is known: what an opaque step put in it is not.
+            self.opaque.cleared(&path, false);
             overlay.insert(path, Predicted::Dir);
         }
     }
@@ -210,12 +223,15 @@ impl World {
     pub fn predict_move(&mut self, from: &Path, to: &Path) {
         let (from, to) = (key(from), key(to));
         if self.is_predicted(&from) {
-            // Its content is itself a prediction: keep only its kind.
+            // Its content is itself a prediction: keep only its kind (a guess, when an
+            // opaque step may have changed it).
+            self.opaque.held = self.overlay.is_some() && self.opaque.extend_reach(&from, &to);
             match self.node(&from) {
                 Node::Dir => self.predict_dir(&to),
                 Node::File { len } => self.predict_file(&to, len),
                 _ => self.predict_absent(&to),
             }
+            self.opaque.held = false;
         } else {
             self.predict_replaced(&to, Predicted::RealCopyOf(from.clone()));
         }
@@ -237,8 +253,149 @@ impl World {
             if let Some(step) = &self.step {
                 self.origins.insert(path.to_path_buf(), step.clone());
             }
+            self.opaque.cleared(path, true);
             overlay.insert(path.to_path_buf(), what);
         }
+    }
+}
+
+/// What a step whose effects cannot be predicted (an `exec`, a started service, a
+/// `POST`) may have changed: everything, or the paths it declares (`writes:`) with
+/// everything below them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OpaqueScope {
+    Anywhere,
+    Below(Vec<PathBuf>),
+}
+
+impl OpaqueScope {
+    fn covers(&self, path: &Path) -> bool {
+        match self {
+            OpaqueScope::Anywhere => true,
+            OpaqueScope::Below(paths) => paths.iter().any(|p| path.starts_with(p)),
+        }
+    }
+}
+
+/// One opaque step of the plan and the paths that later predictions have made known
+/// again (`true`: with everything below; `false`: the path alone, as a `mkdir` knows
+/// the directory but not what the opaque step put in it).
+#[derive(Debug)]
+struct Opaque {
+    step: String,
+    scope: OpaqueScope,
+    cleared: Vec<(PathBuf, bool)>,
+}
+
+impl Opaque {
+    /// Whether this step may have changed `path` (and nothing since has decided it).
+    fn reaches(&self, path: &Path) -> bool {
+        self.scope.covers(path)
+            && !self
+                .cleared
+                .iter()
+                .any(|(c, below)| path == c || (*below && path.starts_with(c)))
+    }
+}
+
+/// The opaque steps recorded so far and what the step being judged read of their
+/// reach. A query of a path that an opaque step may have changed answers with today's
+/// guess, but notes the step: the planner then calls the verdict "unknown until that
+/// step runs" rather than trust (or fail on) a guess.
+#[derive(Debug, Default)]
+struct Opacity {
+    steps: Vec<Opaque>,
+    /// Opaque steps (indexes into `steps`) whose reach the current step read.
+    reads: RefCell<BTreeSet<usize>>,
+    /// Every path the current step asked about (what a step that fails to predict its
+    /// own effect may touch).
+    queried: RefCell<BTreeSet<PathBuf>>,
+    /// Set while a prediction is made from a guess within the reach (a move of what an
+    /// opaque step may have changed): it clears nothing.
+    held: bool,
+}
+
+impl Opacity {
+    /// The newest opaque step that may have changed `path` (all of them are noted).
+    fn read(&self, path: &Path) -> Option<&str> {
+        self.queried.borrow_mut().insert(path.to_path_buf());
+        let mut newest = None;
+        for (i, o) in self.steps.iter().enumerate().rev() {
+            if o.reaches(path) {
+                self.reads.borrow_mut().insert(i);
+                newest.get_or_insert(o.step.as_str());
+            }
+        }
+        newest
+    }
+
+    /// `to` will hold what `from` holds: every opaque step that may have changed
+    /// `from` reaches `to` as well. True if there was one.
+    fn extend_reach(&mut self, from: &Path, to: &Path) -> bool {
+        if self.read(from).is_none() {
+            return false;
+        }
+        for o in &mut self.steps {
+            let reaches = o.reaches(from);
+            if let (OpaqueScope::Below(paths), true) = (&mut o.scope, reaches) {
+                paths.push(to.to_path_buf());
+            }
+        }
+        true
+    }
+
+    /// A prediction now decides `path`: opaque steps before it no longer reach it,
+    /// unless the prediction rests on what they may have changed (`held`). A copy's
+    /// prediction needs no hold: it is resolved through its source, reach and all.
+    fn cleared(&mut self, path: &Path, below: bool) {
+        if self.held {
+            return;
+        }
+        for o in &mut self.steps {
+            o.cleared.push((path.to_path_buf(), below));
+        }
+    }
+}
+
+impl World {
+    /// Records that `step` (already judged) has effects the plan cannot predict within
+    /// `scope`: from now on a query there is noted as depending on it. What the step
+    /// predicted itself (a pidfile the engine writes) stays known.
+    pub fn predict_opaque(&mut self, step: &str, scope: OpaqueScope) {
+        if self.overlay.is_none() {
+            return;
+        }
+        let scope = match scope {
+            OpaqueScope::Below(paths) => {
+                OpaqueScope::Below(paths.iter().map(|p| normalize(p)).collect())
+            }
+            any => any,
+        };
+        let cleared = self
+            .origins
+            .iter()
+            .filter(|(_, s)| *s == step)
+            .map(|(p, _)| (p.clone(), true))
+            .collect();
+        self.opaque.steps.push(Opaque {
+            step: step.to_string(),
+            scope,
+            cleared,
+        });
+    }
+
+    /// The opaque steps whose reach was read since the last call, and every path asked
+    /// about (the planner calls it around each step).
+    pub fn take_opaque_reads(&mut self) -> (Vec<String>, Vec<PathBuf>) {
+        let mut steps: Vec<String> = Vec::new();
+        for i in self.opaque.reads.take() {
+            let step = &self.opaque.steps[i].step;
+            if !steps.contains(step) {
+                steps.push(step.clone());
+            }
+        }
+        let paths = self.opaque.queried.take().into_iter().collect();
+        (steps, paths)
     }
 }
 
@@ -329,6 +486,48 @@ mod tests {
         assert_eq!(real.predicted_state("container:x"), None);
         w.predict_state("container:x", "stopped");
         assert_eq!(w.predicted_state("container:x"), Some("stopped"));
+    }
+
+    #[test]
+    fn an_opaque_step_makes_its_reach_unknown_until_a_later_prediction_decides_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let base = tmp.path();
+        let mut w = World::predicted();
+        w.set_step("dump");
+        w.predict_opaque("dump", OpaqueScope::Below(vec![base.join("out")]));
+        w.take_opaque_reads();
+        assert_eq!(w.node(&base.join("elsewhere")), Node::Missing);
+        assert_eq!(w.take_opaque_reads().0, Vec::<String>::new());
+        assert!(w.is_predicted(&base.join("out/dump.sql")));
+        assert_eq!(w.predicted_by(&base.join("out/dump.sql")), Some("dump"));
+        assert_eq!(w.take_opaque_reads().0, vec!["dump".to_string()]);
+        // A later step that decides the path without reading the reach makes it known.
+        w.set_step("write");
+        w.predict_file(&base.join("out/dump.sql"), Some(3));
+        w.take_opaque_reads();
+        assert_eq!(w.predicted_by(&base.join("out/dump.sql")), Some("write"));
+        assert_eq!(w.take_opaque_reads().0, Vec::<String>::new());
+        // A mkdir knows the directory, not what the opaque step put in it.
+        w.set_step("mk");
+        w.predict_dir(&base.join("out/sub"));
+        w.take_opaque_reads();
+        assert_eq!(w.node(&base.join("out/sub")), Node::Dir);
+        assert_eq!(w.take_opaque_reads().0, Vec::<String>::new());
+        w.node(&base.join("out/sub/x"));
+        assert_eq!(w.take_opaque_reads().0, vec!["dump".to_string()]);
+        // A copy or a move of what lies in the reach stays within it.
+        w.set_step("copy");
+        w.predict_copy(&base.join("out/other"), &base.join("copy"));
+        w.predict_move(&base.join("out/more"), &base.join("moved"));
+        w.take_opaque_reads();
+        w.node(&base.join("copy"));
+        assert_eq!(w.take_opaque_reads().0, vec!["dump".to_string()]);
+        w.node(&base.join("moved"));
+        assert_eq!(w.take_opaque_reads().0, vec!["dump".to_string()]);
+        // The real world has no reach to speak of.
+        let mut real = World::real();
+        real.predict_opaque("dump", OpaqueScope::Anywhere);
+        assert!(!real.is_predicted(&base.join("out/dump.sql")));
     }
 
     #[test]

@@ -14,9 +14,11 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::process::display_argv;
-use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration};
-use crate::world::{Node, World};
+use super::process::{display_argv, find_program};
+use super::{
+    Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration, writes_scope,
+};
+use crate::world::{Node, OpaqueScope, World};
 
 /// Start a program in the background, detached, recording it in a pidfile.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -32,6 +34,12 @@ pub struct DaemonStartArgs {
     pub env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub cwd: Option<PathBuf>,
+    /// The paths (files or directories, with everything below them) this step may
+    /// create, change or remove. Without it the plan cannot tell what the step does to
+    /// files, so every later step that reads a path is "unknown until" it runs; with
+    /// it, only those paths are. `[]`: it writes no file.
+    #[serde(default)]
+    pub writes: Option<Vec<PathBuf>>,
     /// Wait until this `host:port` accepts TCP connections.
     #[serde(default)]
     pub wait_for_port: Option<String>,
@@ -93,6 +101,12 @@ impl Action for DaemonStart {
         Effect::Idempotent
     }
 
+    /// The program keeps running (and writing) after the step: what it changes, the
+    /// plan cannot know, unless `writes:` says (its pidfile and log are predicted).
+    fn opaque(&self, args: &DaemonStartArgs) -> Option<OpaqueScope> {
+        Some(writes_scope(&args.writes))
+    }
+
     fn check_static(&self, args: &DaemonStartArgs) -> Result<(), (String, String)> {
         if args.argv.is_empty() {
             return Err(("argv".into(), "argv must name a program".into()));
@@ -107,15 +121,8 @@ impl Action for DaemonStart {
         if let Some(pid) = running(&args.pidfile).filter(|_| !world.is_predicted(&args.pidfile)) {
             return Verdict::NoChange(format!("running as pid {pid} ({})", args.pidfile.display()));
         }
-        let program = &args.argv[0];
-        let found = if program.contains('/') {
-            matches!(world.node_followed(Path::new(program)), Node::File { .. })
-        } else {
-            std::env::var_os("PATH")
-                .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
-        };
-        if !found {
-            return Verdict::WouldFail(format!("program `{program}` not found"));
+        if let Err(why) = find_program(&args.argv[0], world) {
+            return Verdict::WouldFail(why);
         }
         // The program is started in `cwd`: a missing one would fail only at run time.
         if let Some(cwd) = &args.cwd

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
@@ -17,9 +18,12 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::json::{check_static_exprs, compile_all};
-use super::{Action, ActionCtx, ActionError, Effect, Outputs, Reconcile, Verdict, parse_duration};
+use super::{
+    Action, ActionCtx, ActionError, Effect, Outputs, Reconcile, Verdict, parse_duration,
+    writes_scope,
+};
 use crate::jq::Jq;
-use crate::world::World;
+use crate::world::{OpaqueScope, World};
 
 /// A request timeout when the step gives none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,6 +74,12 @@ pub struct HttpArgs {
     /// waiting on a service that is starting.
     #[serde(default)]
     pub retry: Option<HttpRetry>,
+    /// The paths (files or directories, with everything below them) this step may
+    /// create, change or remove. Without it the plan cannot tell what the step does to
+    /// files, so every later step that reads a path is "unknown until" it runs; with
+    /// it, only those paths are. `[]`: it writes no file.
+    #[serde(default)]
+    pub writes: Option<Vec<PathBuf>>,
     /// Accept any TLS certificate. Only for a test service with a self-signed
     /// certificate; never for a real one.
     #[serde(default)]
@@ -445,6 +455,13 @@ impl Action for Http {
             Ok(m) if read_only(&m) => Effect::ReadOnly,
             _ => Effect::NotIdempotent,
         }
+    }
+
+    /// What a `POST` (`PUT`, ...) makes the service do is the service's business: it
+    /// may write anywhere on this host (a backup endpoint writes a snapshot), unless
+    /// `writes:` says where. A read-only method changes nothing.
+    fn opaque(&self, args: &HttpArgs) -> Option<OpaqueScope> {
+        (Action::effect(self, args) != Effect::ReadOnly).then(|| writes_scope(&args.writes))
     }
 
     fn extra_outputs(&self, args: &HttpArgs) -> Vec<String> {

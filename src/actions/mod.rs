@@ -21,7 +21,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use crate::world::World;
+use crate::world::{OpaqueScope, World};
 
 /// What running an action does to the world; decides how resume treats an
 /// interrupted attempt.
@@ -115,6 +115,14 @@ pub trait Action: Send + Sync + 'static {
 
     fn effect(&self, args: &Self::Args) -> Effect;
 
+    /// Effects beyond what its preflight predicts, which no plan can foresee (what an
+    /// arbitrary program, a started service or a `POST` does): once the step is planned
+    /// to run, what lies in the scope is "unknown until it runs" for the steps after
+    /// it. None: its preflight's predictions are the whole of its effect on files.
+    fn opaque(&self, _args: &Self::Args) -> Option<OpaqueScope> {
+        None
+    }
+
     /// Outputs this step has besides [`Action::OUTPUTS`], named by its arguments (the
     /// `outputs:` of an `http` step). Judged on the raw arguments at validate.
     fn extra_outputs(&self, _args: &Self::Args) -> Vec<String> {
@@ -162,6 +170,7 @@ pub trait ActionKind: Send + Sync {
     /// Static shape check of the raw (unrendered) arguments.
     fn check_raw(&self, raw: &serde_yaml::Value) -> Result<(), ArgError>;
     fn effect(&self, args: &serde_json::Value) -> Effect;
+    fn opaque(&self, args: &serde_json::Value) -> Option<OpaqueScope>;
     fn preflight(&self, args: &serde_json::Value, world: &mut World, ctx: &ActionCtx) -> Verdict;
     fn execute(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Result<Outputs, ActionError>;
     fn reconcile(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Reconcile;
@@ -212,6 +221,11 @@ impl<A: Action> ActionKind for A {
     }
     fn effect(&self, args: &serde_json::Value) -> Effect {
         parse_args::<A::Args>(args).map_or(Effect::NotIdempotent, |a| Action::effect(self, &a))
+    }
+    fn opaque(&self, args: &serde_json::Value) -> Option<OpaqueScope> {
+        parse_args::<A::Args>(args)
+            .ok()
+            .and_then(|a| Action::opaque(self, &a))
     }
     fn preflight(&self, args: &serde_json::Value, world: &mut World, ctx: &ActionCtx) -> Verdict {
         match parse_args::<A::Args>(args) {
@@ -348,6 +362,15 @@ impl Mode {
             Mode::Text(s) if s.contains("{{") => Ok(()),
             _ => self.bits().map(|_| ()),
         }
+    }
+}
+
+/// What an opaque action may write: the paths of its `writes:` argument (every path
+/// when it has none).
+pub fn writes_scope(writes: &Option<Vec<PathBuf>>) -> OpaqueScope {
+    match writes {
+        None => OpaqueScope::Anywhere,
+        Some(paths) => OpaqueScope::Below(paths.clone()),
     }
 }
 

@@ -8,8 +8,10 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration};
-use crate::world::{Node, World};
+use super::{
+    Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration, writes_scope,
+};
+use crate::world::{Node, OpaqueScope, World};
 
 /// Run a program. Its stdout and stderr are captured as outputs.
 #[derive(Debug, Deserialize, JsonSchema)]
@@ -26,6 +28,12 @@ pub struct ExecArgs {
     /// Kill the program after this long (`30s`, `5m`).
     #[serde(default)]
     pub timeout: Option<String>,
+    /// The paths (files or directories, with everything below them) this step may
+    /// create, change or remove. Without it the plan cannot tell what the step does to
+    /// files, so every later step that reads a path is "unknown until" it runs; with
+    /// it, only those paths are. `[]`: it writes no file.
+    #[serde(default)]
+    pub writes: Option<Vec<PathBuf>>,
     /// Exit codes that count as success (default `[0]`).
     #[serde(default = "default_exit")]
     pub expect_exit: Vec<i32>,
@@ -54,16 +62,77 @@ pub fn display_argv(argv: &[String]) -> String {
         .join(" ")
 }
 
-/// Where `program` would be found: a path (judged against `world`) or a name on `PATH`.
-pub fn find_program(program: &str, world: &World) -> Option<PathBuf> {
+/// What runs when `program` is started, found as execvp finds it: a path must be an
+/// executable file; a name is the first executable file of that name in a `PATH`
+/// directory (files there without execute permission are skipped, as execvp skips
+/// them). Err says why nothing would run, in the words the plan and the run report.
+pub fn find_program(program: &str, world: &World) -> Result<PathBuf, String> {
     if program.contains('/') {
         let p = PathBuf::from(program);
-        return matches!(world.node_followed(&p), Node::File { .. } | Node::Other).then_some(p);
+        return match runnable(&p, world) {
+            Runnable::Yes => Ok(p),
+            Runnable::Missing => Err(format!("program `{program}` not found")),
+            Runnable::Dir => Err(format!("`{program}` is a directory, not a program")),
+            Runnable::NotExecutable => Err(format!(
+                "`{program}` is not executable (no execute permission)"
+            )),
+        };
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(program))
-        .find(|p| p.is_file())
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut not_executable = None;
+    for candidate in std::env::split_paths(&path).map(|dir| dir.join(program)) {
+        match runnable(&candidate, world) {
+            Runnable::Yes => return Ok(candidate),
+            Runnable::NotExecutable if not_executable.is_none() => {
+                not_executable = Some(candidate);
+            }
+            _ => {}
+        }
+    }
+    Err(match not_executable {
+        Some(file) => format!(
+            "`{program}` is not executable: `{}` is on PATH without execute permission",
+            file.display()
+        ),
+        None => format!("program `{program}` not found"),
+    })
+}
+
+enum Runnable {
+    Yes,
+    Missing,
+    Dir,
+    NotExecutable,
+}
+
+/// Whether exec would run `path`. A file an earlier step of the plan writes counts as
+/// runnable: the world does not know the mode it will have.
+fn runnable(path: &Path, world: &World) -> Runnable {
+    if world.is_predicted(path) {
+        return match world.node_followed(path) {
+            Node::Missing => Runnable::Missing,
+            Node::Dir => Runnable::Dir,
+            Node::File { .. } | Node::Other => Runnable::Yes,
+        };
+    }
+    // Followed through symlinks, as exec follows them.
+    match std::fs::metadata(path) {
+        Err(_) => Runnable::Missing,
+        Ok(m) if m.is_dir() => Runnable::Dir,
+        Ok(_) if !executable(path) => Runnable::NotExecutable,
+        Ok(_) => Runnable::Yes,
+    }
+}
+
+/// access(X_OK): what the kernel checks when it runs the file, for this process's user
+/// (root too needs an execute bit on a file).
+fn executable(path: &Path) -> bool {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return false;
+    };
+    // SAFETY: `c` is a valid NUL-terminated string that outlives the call.
+    unsafe { libc::access(c.as_ptr(), libc::X_OK) == 0 }
 }
 
 impl Action for Exec {
@@ -75,6 +144,11 @@ impl Action for Exec {
 
     fn effect(&self, _: &ExecArgs) -> Effect {
         Effect::NotIdempotent
+    }
+
+    /// Any program may write anything: only its `writes:` narrows that.
+    fn opaque(&self, args: &ExecArgs) -> Option<OpaqueScope> {
+        Some(writes_scope(&args.writes))
     }
 
     fn check_static(&self, args: &ExecArgs) -> Result<(), (String, String)> {
@@ -91,8 +165,11 @@ impl Action for Exec {
         let Some(program) = args.argv.first() else {
             return Verdict::WouldFail("argv is empty".into());
         };
-        if find_program(program, world).is_none() {
-            return Verdict::WouldFail(format!("program `{program}` not found"));
+        if let Some(Err(e)) = args.timeout.as_deref().map(parse_duration) {
+            return Verdict::WouldFail(e);
+        }
+        if let Err(why) = find_program(program, world) {
+            return Verdict::WouldFail(why);
         }
         if let Some(cwd) = &args.cwd
             && world.node_followed(cwd) != Node::Dir
@@ -101,9 +178,6 @@ impl Action for Exec {
                 "working directory `{}` does not exist",
                 cwd.display()
             ));
-        }
-        if let Some(Err(e)) = args.timeout.as_deref().map(parse_duration) {
-            return Verdict::WouldFail(e);
         }
         Verdict::WillChange(format!("run {}", display_argv(&args.argv)))
     }
@@ -235,8 +309,15 @@ mod tests {
     fn argv_display_quotes_what_a_shell_would_split() {
         let argv = vec!["sh".into(), "-c".into(), "echo 'hi' > x".into(), "".into()];
         assert_eq!(display_argv(&argv), r#"sh -c 'echo '\''hi'\'' > x' ''"#);
-        assert!(find_program("sh", &World::real()).is_some());
-        assert!(find_program("/nonexistent/prog", &World::real()).is_none());
+        assert!(find_program("sh", &World::real()).is_ok());
+        assert_eq!(
+            find_program("/nonexistent/prog", &World::real()),
+            Err("program `/nonexistent/prog` not found".to_string())
+        );
+        assert_eq!(
+            find_program("/tmp", &World::real()),
+            Err("`/tmp` is a directory, not a program".to_string())
+        );
         assert!(Path::new("/bin").exists());
     }
 }

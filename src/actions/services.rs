@@ -18,8 +18,10 @@ use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
 use super::process::{Captured, display_argv, find_program, run_argv, step_deadline};
-use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration};
-use crate::world::{Node, World, normalize};
+use super::{
+    Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration, writes_scope,
+};
+use crate::world::{Node, OpaqueScope, World, normalize};
 
 /// How long a service action waits by default (its `timeout`).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(120);
@@ -201,13 +203,13 @@ pub fn compose_command() -> Result<&'static [String], String> {
 
 fn detect_compose() -> Result<Vec<String>, String> {
     let real = World::real();
-    if find_program("docker", &real).is_some() {
+    if find_program("docker", &real).is_ok() {
         let v2 = argv(&["docker", "compose", "version"]);
         if run_argv(&v2, no_env(), None, query_deadline()).is_ok_and(|c| c.code == Some(0)) {
             return Ok(argv(&["docker", "compose"]));
         }
     }
-    if find_program("docker-compose", &real).is_some() {
+    if find_program("docker-compose", &real).is_ok() {
         return Ok(argv(&["docker-compose"]));
     }
     Err("neither `docker compose` (the Compose v2 plugin) nor `docker-compose` (v1) is installed; install one of them".into())
@@ -661,6 +663,12 @@ impl Action for ComposeStart {
         Effect::Idempotent
     }
 
+    /// Started services write to their volumes (a database on a bind mount): what, the
+    /// plan cannot know. (Stopping is not opaque: a stopped service writes no more.)
+    fn opaque(&self, _: &ComposeArgs) -> Option<OpaqueScope> {
+        Some(OpaqueScope::Anywhere)
+    }
+
     fn check_static(&self, args: &ComposeArgs) -> Result<(), (String, String)> {
         check_compose_static(args)
     }
@@ -755,7 +763,7 @@ pub fn systemctl_argv(verb: &str, unit: &str) -> Vec<String> {
 
 /// Whether `systemctl` can act on this host; else why not and what to use instead.
 pub fn systemd_usable(alternative: &str) -> Result<(), String> {
-    if find_program("systemctl", &World::real()).is_none() {
+    if find_program("systemctl", &World::real()).is_err() {
         return Err(format!(
             "systemctl not found: this host has no systemd; use {alternative} for a Docker Compose service"
         ));
@@ -917,6 +925,11 @@ impl Action for SystemdStart {
         Effect::Idempotent
     }
 
+    /// A started unit writes wherever it writes: the plan cannot know.
+    fn opaque(&self, _: &SystemdArgs) -> Option<OpaqueScope> {
+        Some(OpaqueScope::Anywhere)
+    }
+
     fn check_static(&self, args: &SystemdArgs) -> Result<(), (String, String)> {
         check_unit_static(args)
     }
@@ -970,6 +983,12 @@ pub struct DockerExecArgs {
     /// killed with `docker exec`; the error says so.
     #[serde(default)]
     pub timeout: Option<String>,
+    /// The paths (files or directories, with everything below them) this step may
+    /// create, change or remove. Without it the plan cannot tell what the step does to
+    /// files, so every later step that reads a path is "unknown until" it runs; with
+    /// it, only those paths are. `[]`: it writes no file.
+    #[serde(default)]
+    pub writes: Option<Vec<PathBuf>>,
     /// Exit codes that count as success (default `[0]`).
     #[serde(default = "default_exit")]
     pub expect_exit: Vec<i32>,
@@ -1027,6 +1046,12 @@ impl Action for DockerExec {
         Effect::NotIdempotent
     }
 
+    /// A program in a container writes where its volumes are mounted, which the plan
+    /// does not know: only `writes:` narrows that.
+    fn opaque(&self, args: &DockerExecArgs) -> Option<OpaqueScope> {
+        Some(writes_scope(&args.writes))
+    }
+
     fn check_static(&self, args: &DockerExecArgs) -> Result<(), (String, String)> {
         if args.container.is_empty() {
             return Err(("container".into(), "name the container".into()));
@@ -1049,8 +1074,8 @@ impl Action for DockerExec {
         if let Some(Err(e)) = args.timeout.as_deref().map(parse_duration) {
             return Verdict::WouldFail(e);
         }
-        if find_program("docker", world).is_none() {
-            return Verdict::WouldFail("program `docker` not found".into());
+        if let Err(why) = find_program("docker", world) {
+            return Verdict::WouldFail(why);
         }
         let run = format!(
             "run {} in container `{}`",
