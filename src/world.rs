@@ -115,6 +115,15 @@ impl World {
         self.opaque.read(&path).is_some() || path.ancestors().any(|a| overlay.contains_key(a))
     }
 
+    /// True when an earlier step's prediction (not an opaque step's reach) covers
+    /// `path`: a query that does not count as reading what opaque steps may change.
+    pub fn overlaid(&self, path: &Path) -> bool {
+        let path = normalize(path);
+        self.overlay
+            .as_ref()
+            .is_some_and(|o| path.ancestors().any(|a| o.contains_key(a)))
+    }
+
     pub fn node(&self, path: &Path) -> Node {
         let path = key(path);
         if let Some(overlay) = &self.overlay {

@@ -15,9 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::process::{display_argv, find_program};
-use super::{
-    Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration, writes_scope,
-};
+use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, parse_duration};
 use crate::world::{Node, OpaqueScope, World};
 
 /// Start a program in the background, detached, recording it in a pidfile.
@@ -34,10 +32,9 @@ pub struct DaemonStartArgs {
     pub env: std::collections::BTreeMap<String, String>,
     #[serde(default)]
     pub cwd: Option<PathBuf>,
-    /// The paths (files or directories, with everything below them) this step may
-    /// create, change or remove. Without it the plan cannot tell what the step does to
-    /// files, so every later step that reads a path is "unknown until" it runs; with
-    /// it, only those paths are. `[]`: it writes no file.
+    /// Paths (files or directories, with everything below them) the started program
+    /// creates or changes that later steps read: they are "unknown until" this step
+    /// runs in the plan. Without it the program's own writes are not predicted.
     #[serde(default)]
     pub writes: Option<Vec<PathBuf>>,
     /// Wait until this `host:port` accepts TCP connections.
@@ -101,10 +98,15 @@ impl Action for DaemonStart {
         Effect::Idempotent
     }
 
-    /// The program keeps running (and writing) after the step: what it changes, the
-    /// plan cannot know, unless `writes:` says (its pidfile and log are predicted).
+    /// A started service writes its own data while it serves; that is not this step's
+    /// effect on the runbook's files (a service already running writes as much), and
+    /// taking it as opaque would make every later step unknown. So, as with
+    /// `compose-start` and `systemd-start`, only what `writes:` declares is opaque
+    /// (its pidfile and log are predicted).
     fn opaque(&self, args: &DaemonStartArgs) -> Option<OpaqueScope> {
-        Some(writes_scope(&args.writes))
+        args.writes
+            .as_ref()
+            .map(|paths| OpaqueScope::Below(paths.clone()))
     }
 
     fn check_static(&self, args: &DaemonStartArgs) -> Result<(), (String, String)> {

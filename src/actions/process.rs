@@ -98,6 +98,7 @@ pub fn find_program(program: &str, world: &World) -> Result<PathBuf, String> {
     })
 }
 
+#[derive(PartialEq, Eq)]
 enum Runnable {
     Yes,
     Missing,
@@ -108,6 +109,12 @@ enum Runnable {
 /// Whether exec would run `path`. A file an earlier step of the plan writes counts as
 /// runnable: the world does not know the mode it will have.
 fn runnable(path: &Path, world: &World) -> Runnable {
+    // A program that is there now and that no earlier step touches is taken as it is:
+    // that an opaque step removes it is too unlikely to make every later `exec`
+    // unknown. Only a program that would not run asks what earlier steps may change.
+    if !world.overlaid(path) && real_runnable(path) == Runnable::Yes {
+        return Runnable::Yes;
+    }
     if world.is_predicted(path) {
         return match world.node_followed(path) {
             Node::Missing => Runnable::Missing,
@@ -115,6 +122,10 @@ fn runnable(path: &Path, world: &World) -> Runnable {
             Node::File { .. } | Node::Other => Runnable::Yes,
         };
     }
+    real_runnable(path)
+}
+
+fn real_runnable(path: &Path) -> Runnable {
     // Followed through symlinks, as exec follows them.
     match std::fs::metadata(path) {
         Err(_) => Runnable::Missing,

@@ -663,12 +663,6 @@ impl Action for ComposeStart {
         Effect::Idempotent
     }
 
-    /// Started services write to their volumes (a database on a bind mount): what, the
-    /// plan cannot know. (Stopping is not opaque: a stopped service writes no more.)
-    fn opaque(&self, _: &ComposeArgs) -> Option<OpaqueScope> {
-        Some(OpaqueScope::Anywhere)
-    }
-
     fn check_static(&self, args: &ComposeArgs) -> Result<(), (String, String)> {
         check_compose_static(args)
     }
@@ -923,11 +917,6 @@ impl Action for SystemdStart {
 
     fn effect(&self, _: &SystemdArgs) -> Effect {
         Effect::Idempotent
-    }
-
-    /// A started unit writes wherever it writes: the plan cannot know.
-    fn opaque(&self, _: &SystemdArgs) -> Option<OpaqueScope> {
-        Some(OpaqueScope::Anywhere)
     }
 
     fn check_static(&self, args: &SystemdArgs) -> Result<(), (String, String)> {
