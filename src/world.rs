@@ -118,7 +118,7 @@ impl World {
     /// True when an earlier step's prediction (not an opaque step's reach) covers
     /// `path`: a query that does not count as reading what opaque steps may change.
     pub fn overlaid(&self, path: &Path) -> bool {
-        let path = normalize(path);
+        let path = key(path);
         self.overlay
             .as_ref()
             .is_some_and(|o| path.ancestors().any(|a| o.contains_key(a)))
