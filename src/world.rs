@@ -52,6 +52,9 @@ pub struct World {
     /// Steps whose effects cannot be predicted, and what the current step read of
     /// what they may have changed (see [`Opaque`]).
     opaque: Opacity,
+    /// Bytes the steps judged so far will write, per filesystem (st_dev): a step's
+    /// room check counts what the earlier steps of the same plan put there.
+    written: BTreeMap<u64, u64>,
 }
 
 impl World {
@@ -103,6 +106,17 @@ impl World {
         if self.overlay.is_some() {
             self.states.insert(key.into(), state.into());
         }
+    }
+
+    /// Counts `bytes` that a judged step will write on filesystem `dev`.
+    pub fn will_write(&mut self, dev: u64, bytes: u64) {
+        let total = self.written.entry(dev).or_default();
+        *total = total.saturating_add(bytes);
+    }
+
+    /// What the steps judged so far will write on filesystem `dev`.
+    pub fn bytes_written_on(&self, dev: u64) -> u64 {
+        self.written.get(&dev).copied().unwrap_or(0)
     }
 
     /// True when this world holds a prediction for `path` or an ancestor, i.e. its

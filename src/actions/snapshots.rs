@@ -21,6 +21,7 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
+use super::files::staging;
 use super::guard::{self, Below, Reach};
 use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::{Node, World};
@@ -218,7 +219,25 @@ fn list(dir: &Path) -> Result<Vec<String>, String> {
         .flatten()
         .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
         .map(|e| e.file_name().to_string_lossy().into_owned())
+        // A snapshot being deleted is no snapshot (nor an entry to report as ignored).
+        .filter(|n| staging::buried_name(n).is_none())
         .collect())
+}
+
+/// The stamps whose snapshot an interrupted prune left half-deleted (tombstones).
+fn buried_stamps(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            staging::buried_name(&name)
+                .filter(|n| parse_stamp(n).is_some())
+                .map(str::to_string)
+        })
+        .collect()
 }
 
 fn outputs(d: &Decision) -> Outputs {
@@ -298,7 +317,15 @@ impl Action for Retention {
 
     fn execute(&self, args: &RetentionArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
         guard::destructive(&args.dir, Reach::Entry, Below::OrAt, ctx)?;
+        // A prune killed mid-way left the snapshot it was deleting as a tombstone.
+        for buried in buried_stamps(&args.dir) {
+            let path = args.dir.join(&buried);
+            let cleared = guard::destructive(&path, Reach::Tree, Below::Strictly, ctx)?;
+            staging::sweep(&cleared.resolved)?;
+        }
         let names = list(&args.dir).map_err(ActionError::Failed)?;
+        // Deleting what the policy drops leaves a set it keeps whole, so a resumed
+        // prune decides the same as the interrupted one did.
         let d = decide(&names, args.keep_daily, args.keep_weekly, args.keep_monthly);
         // Every snapshot is cleared before the first goes, so a refusal deletes nothing.
         let cleared = d
@@ -309,9 +336,9 @@ impl Action for Retention {
             })
             .collect::<Result<Vec<_>, _>>()?;
         for path in cleared.into_iter().map(|c| c.resolved) {
-            // remove_dir_all does not follow symlinks found in the tree.
-            std::fs::remove_dir_all(&path)
-                .map_err(ActionError::io(format!("remove {}", path.display())))?;
+            // Renamed out of the stamp namespace first: a half-deleted snapshot is never
+            // listed as one. remove_dir_all does not follow symlinks found in the tree.
+            staging::delete(&path, "retention:pruning")?;
         }
         Ok(outputs(&d))
     }

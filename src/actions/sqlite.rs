@@ -36,7 +36,9 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 
-use super::files::{fsync_parent, parent_is_dir, remove_any, show, sibling};
+use super::files::room::reserve;
+use super::files::staging::{self, Partial, partial_of, same_inode};
+use super::files::{fsync_parent, parent_is_dir, show};
 use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict, guard, parse_duration};
 use crate::world::{Node, World, normalize};
 
@@ -790,16 +792,6 @@ fn inspect_source(path: &Path) -> Result<SourceInfo, String> {
     Ok(SourceInfo { header, bytes })
 }
 
-/// Free bytes for an unprivileged writer on the filesystem holding `dir`.
-#[allow(clippy::useless_conversion)] // the fields are u32 on 32-bit targets
-fn free_bytes(dir: &Path) -> Option<u64> {
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `c` is a valid NUL-terminated path and `st` a writable statvfs.
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
-    (rc == 0).then(|| u64::from(st.f_bavail) * u64::from(st.f_frsize))
-}
-
 /// Refusals that depend only on the paths: the same in preflight and execute.
 fn check_dest(args: &BackupArgs, world: &World, ctx: &ActionCtx) -> Result<bool, String> {
     let (source, dest) = (normalize(&args.source), normalize(&args.dest));
@@ -820,6 +812,9 @@ fn check_dest(args: &BackupArgs, world: &World, ctx: &ActionCtx) -> Result<bool,
     }
     match world.node(&dest) {
         Node::Missing => Ok(false),
+        Node::File { .. } if !world.is_predicted(&dest) && linked_by_interrupted_attempt(&dest) => {
+            Ok(false)
+        }
         Node::File { .. } => {
             guard::destructive(&dest, guard::Reach::Entry, guard::Below::Strictly, ctx)
                 .map(|_| true)
@@ -830,14 +825,6 @@ fn check_dest(args: &BackupArgs, world: &World, ctx: &ActionCtx) -> Result<bool,
             show(&dest)
         )),
     }
-}
-
-/// The nearest directory at or above `dir` that exists on disk.
-fn existing_dir(dir: &Path) -> PathBuf {
-    normalize(dir)
-        .ancestors()
-        .find(|a| a.is_dir())
-        .map_or_else(|| PathBuf::from("/"), Path::to_path_buf)
 }
 
 /// Copies `source` into the new file `tmp` (which must exist, empty) inside one read
@@ -910,20 +897,36 @@ fn start_writeback(file: &File) {
     }
 }
 
-fn remove_tmp(tmp: &Path) -> std::io::Result<()> {
-    for suffix in ["", "-journal", "-wal", "-shm"] {
-        remove_any(&side_file(tmp, suffix))?;
+/// The page size a database file's header gives (bytes 16-17; 1 means 65536).
+fn page_size(path: &Path) -> u64 {
+    let mut head = [0u8; 18];
+    let read = File::open(path).and_then(|mut f| f.read_exact(&mut head));
+    match (read, u16::from_be_bytes([head[16], head[17]])) {
+        (Ok(()), 1) => 65536,
+        (Ok(()), n) if n >= 512 => u64::from(n),
+        _ => 4096,
     }
-    Ok(())
+}
+
+/// The side files SQLite may make beside the temp file.
+const TMP_SIDE_FILES: &[&str] = &["-journal", "-wal", "-shm"];
+
+/// True when `dest` and its temp file are two names of one inode: an attempt was
+/// killed between linking its complete, checked snapshot to `dest` and removing the
+/// temp name, so `dest` is this step's result and not a file that was there before.
+fn linked_by_interrupted_attempt(dest: &Path) -> bool {
+    same_inode(&partial_of(dest), dest)
 }
 
 impl SqliteBackup {
     fn run(
         args: &BackupArgs,
         ctx: &ActionCtx,
-        tmp: &Path,
+        partial: Partial,
         started: Instant,
     ) -> Result<Outputs, ActionError> {
+        let tmp = partial.path().to_path_buf();
+        let tmp = tmp.as_path();
         let deadline = deadline(args.timeout.as_deref(), ctx)?;
         let mode = fs::metadata(&args.source)
             .map_err(ActionError::io(format!("source {}", args.source.display())))?
@@ -962,11 +965,29 @@ impl SqliteBackup {
                 }
             },
         };
-        fs::rename(tmp, &args.dest).map_err(ActionError::io(format!(
-            "rename into {}",
-            args.dest.display()
-        )))?;
-        fsync_parent(&args.dest)?;
+        staging::phase("sqlite-backup:copied");
+        if fs::symlink_metadata(&args.dest).is_ok() {
+            // Replacing a snapshot (checked below a root): rename swaps it atomically.
+            partial.commit(&args.dest)?;
+            fsync_parent(&args.dest)?;
+        } else {
+            // A new name: linked first, so a kill before the temp name goes leaves two
+            // names of one inode, which the next attempt recognises as this result.
+            let linked = partial.link(&args.dest)?;
+            fsync_parent(&args.dest)?;
+            staging::phase("sqlite-backup:linked");
+            linked.unlink()?;
+        }
+        Self::outputs(args, pages, header, &check, started)
+    }
+
+    fn outputs(
+        args: &BackupArgs,
+        pages: u64,
+        header: Header,
+        check: &str,
+        started: Instant,
+    ) -> Result<Outputs, ActionError> {
         let bytes = fs::metadata(&args.dest)
             .map_err(ActionError::io(format!("stat {}", args.dest.display())))?
             .len();
@@ -1023,6 +1044,13 @@ impl Action for SqliteBackup {
             Ok(r) => r,
             Err(e) => return Verdict::WouldFail(e),
         };
+        if !world.is_predicted(&args.dest) && linked_by_interrupted_attempt(&args.dest) {
+            world.predict_file(&args.dest, None);
+            return Verdict::NoChange(format!(
+                "{} holds the complete snapshot of an interrupted attempt; only its temporary name is left to remove",
+                show(&args.dest)
+            ));
+        }
         let mut note = String::new();
         let (what, size) = if world.is_predicted(&args.source) {
             let by = world
@@ -1037,15 +1065,8 @@ impl Action for SqliteBackup {
                 Ok(i) => i,
                 Err(e) => return Verdict::WouldFail(e),
             };
-            let dir = existing_dir(args.dest.parent().unwrap_or(Path::new("/")));
-            if let Some(free) = free_bytes(&dir)
-                && free < info.bytes
-            {
-                return Verdict::WouldFail(format!(
-                    "not enough room for the snapshot: it needs {} bytes and the filesystem of {} has {free} free",
-                    info.bytes,
-                    show(&dir)
-                ));
+            if let Err(e) = reserve(world, &args.dest, info.bytes, "the snapshot") {
+                return Verdict::WouldFail(e);
             }
             let what = format!(
                 "{} ({} mode, {} bytes)",
@@ -1083,14 +1104,25 @@ impl Action for SqliteBackup {
     fn execute(&self, args: &BackupArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
         let started = Instant::now();
         check_dest(args, &World::real(), ctx).map_err(ActionError::Failed)?;
-        let tmp = sibling(&args.dest, "partial");
-        // What an interrupted attempt left is ours to discard.
-        remove_tmp(&tmp).map_err(ActionError::io(format!("remove {}", tmp.display())))?;
-        let result = Self::run(args, ctx, &tmp, started);
-        if result.is_err() {
-            let _ = remove_tmp(&tmp);
+        if linked_by_interrupted_attempt(&args.dest) {
+            // Its snapshot passed its check before it was linked: only the temp name is
+            // left to go. The source's header tells the mode it was taken in.
+            let header = read_header(&args.source).map_err(|e| ActionError::Failed(e.text()))?;
+            let page_size = page_size(&args.dest);
+            let bytes = fs::metadata(&args.dest)
+                .map_err(ActionError::io(format!("stat {}", args.dest.display())))?
+                .len();
+            staging::sweep_partial(&args.dest, TMP_SIDE_FILES)?;
+            let check = match args.check.mode() {
+                None => "skipped",
+                Some(_) => "ok",
+            };
+            return Self::outputs(args, bytes / page_size, header, check, started);
         }
-        result
+        // What an interrupted attempt left is discarded; what this one builds is
+        // removed again if it fails.
+        let partial = Partial::fresh_with(&args.dest, TMP_SIDE_FILES)?;
+        Self::run(args, ctx, partial, started)
     }
 }
 

@@ -159,11 +159,12 @@ fn copy_replace_keeps_the_replaced_tree_aside_and_sets_the_owner() {
         let m = entry.unwrap().path().symlink_metadata().unwrap();
         assert_eq!((m.uid(), m.gid()), (1000, 1000));
     }
-    // A second replace must not overwrite the safety copy.
+    // A second replace must not overwrite the safety copy: the plan already says so,
+    // and nothing runs.
     sb.write("live/chroma/new-junk", "x");
     let again = sb.run(&["run", "restore"]);
-    assert_eq!(again.code, 1);
-    assert!(again.stdout.contains("`keep_replaced` live/chroma.pre-restore already exists; refusing to overwrite a safety copy"), "{again:?}");
+    assert_eq!(again.code, 3, "{again:?}");
+    assert!(again.stderr.contains("`keep_replaced` live/chroma.pre-restore already exists; refusing to overwrite a safety copy"), "{again:?}");
     assert_eq!(sb.read("live/chroma/new-junk"), "x");
 }
 

@@ -5,8 +5,11 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
 use super::owner::Owner;
-use super::tree::{CopyOptions, copy_file, copy_tree, same_copy, tree_size};
-use super::{fsync_parent, mode_of, parent_is_dir, remove_any, show, sibling};
+use super::staging::{self, Partial, same_inode};
+use super::tree::{
+    CopyOptions, copy_file, copy_tree, same_copy, special_refusal, survey, tree_size,
+};
+use super::{fsync_parent, mode_of, not_inside_itself, parent_is_dir, room, show};
 use crate::actions::guard::{self, Below, Reach, Refusal};
 use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict};
 use crate::world::{Node, World};
@@ -88,6 +91,10 @@ impl Action for Copy {
         if let Err(e) = guard::writable(&args.to, ctx) {
             return Verdict::WouldFail(e.to_string());
         }
+        // What the copy reads, when it is on disk now (a predicted source is judged
+        // when the run gets there: preflight runs again right before execute).
+        let surveyed = (!world.is_predicted(&args.from) && world.node(&args.from) != Node::Missing)
+            .then(|| survey(&args.from));
         let what = match world.node(&args.from) {
             Node::Missing if args.if_exists => {
                 return Verdict::NoChange(format!(
@@ -98,6 +105,9 @@ impl Action for Copy {
             Node::Missing => {
                 return Verdict::WouldFail(format!("source {} does not exist", show(&args.from)));
             }
+            _ if let Some((path, kind)) = surveyed.as_ref().and_then(|s| s.special.as_ref()) => {
+                return Verdict::WouldFail(special_refusal(path, kind));
+            }
             Node::Dir if world.is_predicted(&args.from) => "tree".to_string(),
             Node::Dir => {
                 let (files, bytes) = tree_size(&args.from);
@@ -106,6 +116,9 @@ impl Action for Copy {
             Node::File { len: Some(len) } => format!("file ({len} bytes)"),
             _ => "file".to_string(),
         };
+        if let Err(e) = not_inside_itself(&args.from, &args.to, world) {
+            return Verdict::WouldFail(e);
+        }
         if let Err(e) = parent_is_dir(&args.to, world) {
             return Verdict::WouldFail(e);
         }
@@ -132,6 +145,13 @@ impl Action for Copy {
             ))
         } else if let Err(e) = guard_replace(args, ctx) {
             Verdict::WouldFail(e.to_string())
+        } else if let Some(e) = args
+            .keep_replaced
+            .as_ref()
+            .filter(|_| !world.is_predicted(&args.to))
+            .and_then(|keep| foreign_safety_copy(keep, &args.to, world))
+        {
+            Verdict::WouldFail(e)
         } else {
             Verdict::WillChange(format!(
                 "replace {} with a copy of {what} {}",
@@ -139,6 +159,12 @@ impl Action for Copy {
                 show(&args.from)
             ))
         };
+        let writes = matches!(&verdict, Verdict::WillChange(_));
+        if let (true, Some(s)) = (writes, &surveyed)
+            && let Err(e) = room::reserve(world, &args.to, s.allocated, "the copy")
+        {
+            return Verdict::WouldFail(e);
+        }
         if !matches!(verdict, Verdict::WouldFail(_)) {
             world.predict_copy(&args.from, &args.to);
         }
@@ -161,8 +187,11 @@ impl Action for Copy {
             .map(Owner::parse)
             .transpose()
             .map_err(ActionError::Failed)?;
+        not_inside_itself(&args.from, &args.to, &World::real()).map_err(ActionError::Failed)?;
         let mut out = Outputs::new();
         out.insert("path".into(), json!(args.to));
+        // An attempt killed while deleting the tree it replaced left its tombstone.
+        staging::sweep(&args.to)?;
         let exists = fs::symlink_metadata(&args.to).is_ok();
         if exists && is_done(args, owner.as_ref()) {
             let (files, bytes) = if meta.is_dir() {
@@ -185,74 +214,78 @@ impl Action for Copy {
                 )));
             }
             guard_replace(args, ctx)?;
-            if let Some(keep) = &args.keep_replaced
-                && fs::symlink_metadata(keep).is_ok()
+            if let Some(e) = args
+                .keep_replaced
+                .as_ref()
+                .and_then(|keep| foreign_safety_copy(keep, &args.to, &World::real()))
             {
-                return Err(ActionError::Failed(format!(
-                    "`keep_replaced` {} already exists; refusing to overwrite a safety copy",
-                    keep.display()
-                )));
+                return Err(ActionError::Failed(e));
             }
         }
-        let partial = sibling(&args.to, "partial");
-        // A partial copy left by an interrupted attempt is ours to discard.
-        remove_any(&partial).map_err(ActionError::io(format!("remove {}", partial.display())))?;
+        // Removed again if this attempt fails; an interrupted attempt's is discarded.
+        let partial = Partial::fresh(&args.to)?;
         let mut opts = CopyOptions {
             owner,
             progress: None,
+            phase: Some("copy:copying"),
         };
         let (files, bytes) = if meta.is_dir() {
             if ctx.progress {
                 let (_, total) = tree_size(&args.from);
                 opts.progress = progress_bar(total, &args.to);
             }
-            let copied = copy_tree(&args.from, &partial, ctx, &opts)?;
+            let copied = copy_tree(&args.from, partial.path(), ctx, &opts)?;
             if let Some(bar) = &opts.progress {
                 bar.finish_and_clear();
             }
             copied
         } else if meta.file_type().is_symlink() {
             let link = fs::read_link(&args.from).map_err(ActionError::io("readlink"))?;
-            std::os::unix::fs::symlink(link, &partial).map_err(ActionError::io("symlink"))?;
+            std::os::unix::fs::symlink(link, partial.path()).map_err(ActionError::io("symlink"))?;
             (1, 0)
         } else {
-            (1, copy_file(&args.from, &partial, &meta, &opts)?)
+            (1, copy_file(&args.from, partial.path(), &meta, &opts)?)
         };
         if let Some(mode) = &args.mode {
             let bits = mode.bits().map_err(ActionError::Failed)?;
-            fs::set_permissions(&partial, fs::Permissions::from_mode(bits))
-                .map_err(ActionError::io(format!("chmod {}", partial.display())))?;
+            fs::set_permissions(partial.path(), fs::Permissions::from_mode(bits)).map_err(
+                ActionError::io(format!("chmod {}", partial.path().display())),
+            )?;
         }
-        let rename_in = || {
-            fs::rename(&partial, &args.to).map_err(ActionError::io(format!(
-                "rename into {}",
-                args.to.display()
-            )))
-        };
+        staging::phase("copy:copied");
         match (exists, &args.keep_replaced) {
-            (false, _) => rename_in()?,
+            (false, _) => partial.commit(&args.to)?,
             (true, Some(keep)) if !meta.is_dir() => {
-                // A hard link keeps the old file while rename swaps the new one in atomically.
-                fs::hard_link(&args.to, keep)
-                    .map_err(ActionError::io(format!("keep {}", keep.display())))?;
-                rename_in()?;
+                // A hard link keeps the old file while rename swaps the new one in
+                // atomically. An interrupted attempt may have made that link already.
+                if !same_inode(keep, &args.to) {
+                    fs::hard_link(&args.to, keep)
+                        .map_err(ActionError::io(format!("keep {}", keep.display())))?;
+                }
+                staging::phase("copy:kept");
+                partial.commit(&args.to)?;
                 fsync_parent(keep)?;
             }
             (true, Some(keep)) => {
                 fs::rename(&args.to, keep)
                     .map_err(ActionError::io(format!("move aside to {}", keep.display())))?;
-                rename_in()?;
                 fsync_parent(keep)?;
+                // A kill here leaves `to` missing and the old tree at `keep`: the next
+                // attempt copies into the free name, as this one goes on to do.
+                staging::phase("copy:kept");
+                partial.commit(&args.to)?;
             }
-            (true, None) if !meta.is_dir() => rename_in()?,
+            (true, None) if !meta.is_dir() => partial.commit(&args.to)?,
             (true, None) => {
-                // rename() cannot replace a non-empty directory: move the old one aside first.
-                let old = sibling(&args.to, "old");
-                remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
-                fs::rename(&args.to, &old)
-                    .map_err(ActionError::io(format!("move aside {}", args.to.display())))?;
-                rename_in()?;
-                remove_any(&old).map_err(ActionError::io(format!("remove {}", old.display())))?;
+                // rename() cannot replace a non-empty directory: the old one goes to its
+                // tombstone first, and is deleted once the new one has its name.
+                let grave = staging::bury(&args.to)?;
+                staging::phase("copy:old-aside");
+                partial.commit(&args.to)?;
+                fsync_parent(&args.to)?;
+                if let Some(grave) = grave {
+                    grave.delete("copy:old-deleting")?;
+                }
             }
         }
         fsync_parent(&args.to)?;
@@ -272,6 +305,23 @@ fn guard_replace(args: &CopyArgs, ctx: &ActionCtx) -> Result<(), Refusal> {
         guard::destructive(keep, Reach::Entry, Below::Strictly, ctx)?;
     }
     Ok(())
+}
+
+/// The refusal of a `keep_replaced` path that already holds something: unless it is
+/// the hard link to the very file being replaced that an interrupted attempt of this
+/// step made (two names of one inode), it is a safety copy not to be overwritten.
+fn foreign_safety_copy(
+    keep: &std::path::Path,
+    to: &std::path::Path,
+    world: &World,
+) -> Option<String> {
+    if world.node(keep) == Node::Missing || same_inode(keep, to) {
+        return None;
+    }
+    Some(format!(
+        "`keep_replaced` {} already exists; refusing to overwrite a safety copy",
+        keep.display()
+    ))
 }
 
 /// The destination already is what this step makes: the same copy, with the owner

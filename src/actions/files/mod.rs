@@ -17,6 +17,8 @@ mod moving;
 mod owner;
 mod path_check;
 mod remove;
+pub(crate) mod room;
+pub(crate) mod staging;
 mod tree;
 mod write_file;
 
@@ -47,6 +49,43 @@ pub(crate) fn parent_is_dir(path: &Path, world: &World) -> Result<(), String> {
         )),
         _ => Err(format!("{} is not a directory", show(&parent))),
     }
+}
+
+/// `path` as the kernel will reach it: its parent with every symlink and `..`
+/// resolved (through the nearest ancestor that exists), then its own name, which is
+/// not followed (the action acts on that entry itself).
+pub(crate) fn resolved(path: &Path) -> PathBuf {
+    let path = crate::world::normalize(path);
+    let Some(name) = path.file_name() else {
+        return path;
+    };
+    let parent = path.parent().unwrap_or(Path::new("/"));
+    let existing = parent
+        .ancestors()
+        .find(|a| a.exists())
+        .unwrap_or(Path::new("/"));
+    let rest = parent.strip_prefix(existing).unwrap_or(Path::new(""));
+    let base = fs::canonicalize(existing).unwrap_or_else(|_| existing.to_path_buf());
+    crate::world::normalize(&base.join(rest)).join(name)
+}
+
+/// Refuses a copy or move of the directory `from` to a `to` inside it (judged on
+/// resolved paths), which would copy the tree into itself.
+pub(crate) fn not_inside_itself(from: &Path, to: &Path, world: &World) -> Result<(), String> {
+    if world.node(from) != Node::Dir {
+        return Ok(());
+    }
+    let (f, t) = (resolved(from), resolved(to));
+    if t.starts_with(&f) && t != f {
+        return Err(format!(
+            "{} is inside {} (resolved: `{}` is below `{}`): a tree cannot be copied or moved into itself",
+            show(to),
+            show(from),
+            t.display(),
+            f.display()
+        ));
+    }
+    Ok(())
 }
 
 /// A sibling name used while a step builds its result.

@@ -9,8 +9,9 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::tree::{CopyOptions, copy_file, copy_tree, same_copy};
-use super::{fsync_parent, parent_is_dir, remove_any, show, sibling};
+use super::staging::{self, Partial};
+use super::tree::{CopyOptions, copy_file, copy_tree, same_copy, special_refusal, survey};
+use super::{fsync_parent, not_inside_itself, parent_is_dir, room, show};
 use crate::actions::guard::{self, Below, Reach};
 use crate::actions::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::{Node, World};
@@ -77,11 +78,37 @@ impl Action for Move {
         if let Err(e) = guard::destructive(&args.from, Reach::Tree, Below::Strictly, ctx) {
             return Verdict::WouldFail(e.to_string());
         }
+        let real = !world.is_predicted(&args.from) && !world.is_predicted(&args.to);
+        if to != Node::Missing && real && same_copy(&args.from, &args.to) {
+            // A cross-filesystem move killed after its copy took `to`'s name.
+            world.predict_move(&args.from, &args.to);
+            return Verdict::WillChange(format!(
+                "finish moving {} to {}: the copy is complete there, remove the source",
+                show(&args.from),
+                show(&args.to)
+            ));
+        }
         if to != Node::Missing {
             return Verdict::WouldFail(format!("{} already exists", show(&args.to)));
         }
+        if let Err(e) = not_inside_itself(&args.from, &args.to, world) {
+            return Verdict::WouldFail(e);
+        }
         if let Err(e) = parent_is_dir(&args.to, world) {
             return Verdict::WouldFail(e);
+        }
+        // Across filesystems the move is a copy: it must be able to read the source
+        // and find room for it.
+        if !world.is_predicted(&args.from)
+            && room::device_of(&args.to) != room::device_of_entry(&args.from)
+        {
+            let s = survey(&args.from);
+            if let Some((path, kind)) = &s.special {
+                return Verdict::WouldFail(special_refusal(path, kind));
+            }
+            if let Err(e) = room::reserve(world, &args.to, s.allocated, "the moved copy") {
+                return Verdict::WouldFail(e);
+            }
         }
         world.predict_move(&args.from, &args.to);
         Verdict::WillChange(format!("move {} to {}", show(&args.from), show(&args.to)))
@@ -89,6 +116,8 @@ impl Action for Move {
 
     fn execute(&self, args: &MoveArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
         guard::writable(&args.to, ctx)?;
+        // An attempt killed while deleting the source left its tombstone: finish it.
+        staging::sweep(&args.from)?;
         let from_meta = fs::symlink_metadata(&args.from).ok();
         let to_exists = fs::symlink_metadata(&args.to).is_ok();
         // An earlier attempt may have finished: the data is at `to` and `from` is gone.
@@ -107,9 +136,7 @@ impl Action for Move {
             // An interrupted cross-filesystem move: the copy is complete at `to` and only
             // deleting the source was left.
             if same_copy(&args.from, &args.to) {
-                remove_any(&args.from)
-                    .map_err(ActionError::io(format!("remove {}", args.from.display())))?;
-                fsync_parent(&args.from)?;
+                staging::delete(&args.from, "move:source-deleting")?;
                 return Ok(outputs(args, true, true));
             }
             return Err(ActionError::Failed(format!(
@@ -117,6 +144,7 @@ impl Action for Move {
                 args.to.display()
             )));
         }
+        not_inside_itself(&args.from, &args.to, &World::real()).map_err(ActionError::Failed)?;
         match fs::rename(&args.from, &args.to) {
             Ok(()) => {
                 fsync_parent(&args.to)?;
@@ -124,27 +152,28 @@ impl Action for Move {
                 Ok(outputs(args, true, false))
             }
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {
-                let partial = sibling(&args.to, "partial");
-                remove_any(&partial)
-                    .map_err(ActionError::io(format!("remove {}", partial.display())))?;
-                let opts = CopyOptions::default();
+                // Removed again if the copy fails; an interrupted attempt's is discarded.
+                let partial = Partial::fresh(&args.to)?;
+                let opts = CopyOptions {
+                    phase: Some("move:copying"),
+                    ..CopyOptions::default()
+                };
                 if meta.is_dir() {
-                    copy_tree(&args.from, &partial, ctx, &opts)?;
+                    copy_tree(&args.from, partial.path(), ctx, &opts)?;
                 } else if meta.file_type().is_symlink() {
                     let link = fs::read_link(&args.from).map_err(ActionError::io("readlink"))?;
-                    std::os::unix::fs::symlink(link, &partial)
+                    std::os::unix::fs::symlink(link, partial.path())
                         .map_err(ActionError::io("symlink"))?;
                 } else {
-                    copy_file(&args.from, &partial, &meta, &opts)?;
+                    copy_file(&args.from, partial.path(), &meta, &opts)?;
                 }
-                fs::rename(&partial, &args.to).map_err(ActionError::io(format!(
-                    "rename into {}",
-                    args.to.display()
-                )))?;
+                staging::phase("move:copied");
+                partial.commit(&args.to)?;
                 fsync_parent(&args.to)?;
-                remove_any(&args.from)
-                    .map_err(ActionError::io(format!("remove {}", args.from.display())))?;
-                fsync_parent(&args.from)?;
+                // From here `to` is complete: a kill leaves a source that equals it, which
+                // the next attempt recognises and deletes.
+                staging::phase("move:renamed");
+                staging::delete(&args.from, "move:source-deleting")?;
                 Ok(outputs(args, true, true))
             }
             Err(e) => Err(ActionError::io(format!(

@@ -10,6 +10,65 @@ use std::path::{Path, PathBuf};
 use super::owner::Owner;
 use crate::actions::{ActionCtx, ActionError};
 
+/// What a copy of `path` would read, found without reading any data.
+#[derive(Debug, Default)]
+pub(crate) struct Survey {
+    pub files: u64,
+    /// Sum of the files' lengths.
+    pub bytes: u64,
+    /// What the copy takes on disk: holes are not written, so a sparse file counts
+    /// only its allocated blocks.
+    pub allocated: u64,
+    /// The first entry that is neither a file, a directory nor a symlink, and its kind.
+    pub special: Option<(PathBuf, &'static str)>,
+}
+
+/// The kind of a FIFO, socket or device, which a copy never reads.
+pub(crate) fn special_kind(ft: fs::FileType) -> Option<&'static str> {
+    use std::os::unix::fs::FileTypeExt;
+    if ft.is_fifo() {
+        Some("a FIFO (named pipe)")
+    } else if ft.is_socket() {
+        Some("a socket")
+    } else if ft.is_block_device() {
+        Some("a block device")
+    } else if ft.is_char_device() {
+        Some("a character device")
+    } else {
+        None
+    }
+}
+
+/// Surveys `path` (a file or a tree; symlinks are not followed) for a copy.
+pub(crate) fn survey(path: &Path) -> Survey {
+    let mut out = Survey::default();
+    for entry in walkdir::WalkDir::new(path)
+        .follow_root_links(false)
+        .into_iter()
+        .flatten()
+    {
+        let Ok(m) = entry.metadata() else { continue };
+        if m.is_file() {
+            out.files += 1;
+            out.bytes += m.len();
+            out.allocated += m.len().min(m.blocks() * 512);
+        } else if let Some(kind) = special_kind(m.file_type())
+            && out.special.is_none()
+        {
+            out.special = Some((entry.into_path(), kind));
+        }
+    }
+    out
+}
+
+/// The refusal of a copy whose source holds a special file.
+pub(crate) fn special_refusal(path: &Path, kind: &str) -> String {
+    format!(
+        "{} is {kind}: a copy takes only files, directories and symlinks (reading it could block or never end)",
+        super::show(path)
+    )
+}
+
 /// Counts files and bytes below `path` (read-only).
 pub(crate) fn tree_size(path: &Path) -> (u64, u64) {
     let mut files = 0;
@@ -110,6 +169,9 @@ pub(crate) struct CopyOptions {
     pub owner: Option<Owner>,
     /// Advanced by the bytes of each copied file.
     pub progress: Option<indicatif::ProgressBar>,
+    /// The phase (see `staging::phase`) reached once a tree copy is under way: the
+    /// first file is copied, the rest not.
+    pub phase: Option<&'static str>,
 }
 
 /// Copies extended attributes where the filesystems have them (a missing or
@@ -123,15 +185,17 @@ fn copy_xattrs(src: &Path, dst: &Path) {
     }
 }
 
-/// Copies one file's bytes (std::fs::copy uses copy_file_range, which reflinks where
-/// the filesystem can) and metadata. The caller decides when to sync.
+/// Copies one file's bytes and metadata; the caller decides when to sync.
 fn copy_file_data(
     src: &Path,
     dst: &Path,
     meta: &fs::Metadata,
     opts: &CopyOptions,
 ) -> Result<u64, ActionError> {
-    let bytes = fs::copy(src, dst).map_err(ActionError::io(format!(
+    if let Some(kind) = special_kind(meta.file_type()) {
+        return Err(ActionError::Failed(special_refusal(src, kind)));
+    }
+    let bytes = copy_sparse(src, dst, meta).map_err(ActionError::io(format!(
         "copy {} to {}",
         src.display(),
         dst.display()
@@ -147,6 +211,97 @@ fn copy_file_data(
         bar.inc(bytes);
     }
     Ok(bytes)
+}
+
+/// Copies the data segments of `src` into the new file `dst` and gives it `src`'s
+/// length, so holes stay holes (as `cp -a` keeps them): SEEK_DATA/SEEK_HOLE find the
+/// segments, copy_file_range copies each (reflinking where the filesystem can).
+fn copy_sparse(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<u64> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let input = File::open(src)?;
+    let output = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(meta.permissions().mode() & 0o777)
+        .open(dst)?;
+    let len = input.metadata()?.len();
+    let fd_in = input.as_raw_fd();
+    let mut pos: u64 = 0;
+    while pos < len {
+        let Some(data) = seek(fd_in, pos, libc::SEEK_DATA)? else {
+            break; // only a hole is left
+        };
+        let hole = seek(fd_in, data, libc::SEEK_HOLE)?.unwrap_or(len).min(len);
+        copy_range(&input, &output, data, hole.saturating_sub(data))?;
+        pos = hole.max(data + 1);
+    }
+    output.set_len(len)?;
+    Ok(len)
+}
+
+/// lseek for SEEK_DATA/SEEK_HOLE: None past the last data (ENXIO); a filesystem that
+/// cannot tell holes answers as if the whole file were data.
+fn seek(fd: std::os::fd::RawFd, from: u64, whence: libc::c_int) -> std::io::Result<Option<u64>> {
+    // SAFETY: a valid open descriptor; lseek only moves its offset.
+    let at = unsafe { libc::lseek(fd, from as libc::off_t, whence) };
+    if at >= 0 {
+        return Ok(Some(at as u64));
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::ENXIO) => Ok(None),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) if whence == libc::SEEK_DATA => Ok(Some(from)),
+        Some(libc::EINVAL) | Some(libc::EOPNOTSUPP) => Ok(None),
+        _ => Err(err),
+    }
+}
+
+/// Copies `len` bytes at offset `at` of `input` to the same offset of `output`:
+/// copy_file_range, or read/write where the kernel or filesystems refuse it.
+fn copy_range(input: &File, output: &File, at: u64, len: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let (mut off_in, mut off_out) = (at as libc::loff_t, at as libc::loff_t);
+    let end = at + len;
+    while (off_in as u64) < end {
+        let want = ((end - off_in as u64).min(1 << 30)) as usize;
+        // SAFETY: valid descriptors and offsets owned by this frame.
+        let n = unsafe {
+            libc::copy_file_range(
+                input.as_raw_fd(),
+                &mut off_in,
+                output.as_raw_fd(),
+                &mut off_out,
+                want,
+                0,
+            )
+        };
+        if n > 0 {
+            continue;
+        }
+        if n == 0 {
+            return Ok(()); // the source shrank under us
+        }
+        let err = std::io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EXDEV | libc::ENOSYS | libc::EOPNOTSUPP | libc::EINVAL | libc::EPERM) => {}
+            Some(libc::EINTR) => continue,
+            _ => return Err(err),
+        }
+        let mut buf = vec![0u8; 1 << 20];
+        let mut pos = off_in as u64;
+        while pos < end {
+            let want = (end - pos).min(buf.len() as u64) as usize;
+            let n = input.read_at(&mut buf[..want], pos)?;
+            if n == 0 {
+                return Ok(());
+            }
+            output.write_all_at(&buf[..n], pos)?;
+            pos += n as u64;
+        }
+        return Ok(());
+    }
+    Ok(())
 }
 
 /// Copies one file and fsyncs it.
@@ -221,11 +376,14 @@ pub(crate) fn copy_tree(
             }
             bytes += copy_file_data(entry.path(), &target, &meta, opts)?;
             files += 1;
+            if files == 1
+                && let Some(phase) = opts.phase
+            {
+                super::staging::phase(phase);
+            }
         } else {
-            return Err(ActionError::Failed(format!(
-                "{} is neither a file, a directory nor a symlink",
-                entry.path().display()
-            )));
+            let kind = special_kind(ft).unwrap_or("not a file, a directory nor a symlink");
+            return Err(ActionError::Failed(special_refusal(entry.path(), kind)));
         }
     }
     // Directories last, deepest first: creating entries inside them changes their times.

@@ -5,7 +5,8 @@ use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 
-use super::{fsync_parent, mode_of, parent_is_dir, show, sibling};
+use super::staging::{self, Partial};
+use super::{fsync_parent, mode_of, parent_is_dir, room, show};
 use crate::actions::{Action, ActionCtx, ActionError, Effect, Mode, Outputs, Verdict, guard};
 use crate::world::{Node, World};
 use schemars::JsonSchema;
@@ -80,6 +81,11 @@ impl Action for WriteFile {
             }
             _ => Verdict::WouldFail(format!("{} exists and is not a file", show(&args.path))),
         };
+        if matches!(verdict, Verdict::WillChange(_))
+            && let Err(e) = room::reserve(world, &args.path, len as u64, "the file")
+        {
+            return Verdict::WouldFail(e);
+        }
         if !matches!(verdict, Verdict::WouldFail(_)) {
             world.predict_file(&args.path, Some(len as u64));
         }
@@ -89,17 +95,22 @@ impl Action for WriteFile {
     fn execute(&self, args: &WriteFileArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
         guard::writable(&args.path, ctx)?;
         let bits = Self::bits(args).map_err(ActionError::Failed)?;
-        let partial = sibling(&args.path, "partial");
-        let mut f = File::create(&partial)
-            .map_err(ActionError::io(format!("create {}", partial.display())))?;
+        // Removed again if the write fails (a full disk); a killed attempt's is discarded.
+        let partial = Partial::fresh(&args.path)?;
+        let mut f = File::create(partial.path()).map_err(ActionError::io(format!(
+            "create {}",
+            partial.path().display()
+        )))?;
         f.write_all(args.content.as_bytes())
             .and_then(|()| f.set_permissions(fs::Permissions::from_mode(bits)))
             .and_then(|()| f.sync_all())
-            .map_err(ActionError::io(format!("write {}", partial.display())))?;
-        fs::rename(&partial, &args.path).map_err(ActionError::io(format!(
-            "rename into {}",
-            args.path.display()
-        )))?;
+            .map_err(ActionError::io(format!(
+                "write {}",
+                partial.path().display()
+            )))?;
+        drop(f);
+        staging::phase("write-file:written");
+        partial.commit(&args.path)?;
         fsync_parent(&args.path)?;
         let mut out = Outputs::new();
         out.insert("path".into(), json!(args.path));
