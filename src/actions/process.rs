@@ -266,50 +266,145 @@ pub fn step_deadline(
 }
 
 /// Runs `argv` (no shell) with stdin closed, stdout and stderr captured, `env` added
-/// to the engine's environment, in `cwd`. Past `deadline` the program is killed and
+/// to the engine's environment, in `cwd`. Past `deadline` the program is stopped and
 /// the result is [`ActionError::TimedOut`]. Any exit code is returned, not judged.
+///
+/// The program runs in a process group of its own, and the whole group is ended
+/// (SIGTERM, a short grace, SIGKILL) when the program exits or times out: what it
+/// started in the background never outlives the step, so a retry cannot overlap it.
+/// The group is ended before the program is reaped, so its id cannot be reused by
+/// then. (`daemon-start` is the action for programs meant to outlive a step.)
 pub fn run_argv(
     argv: &[String],
     env: &BTreeMap<String, String>,
     cwd: Option<&Path>,
     deadline: Option<Instant>,
 ) -> Result<Captured, ActionError> {
+    use std::os::unix::process::CommandExt;
+    use std::process::{Command, Stdio};
     let (program, rest) = argv
         .split_first()
         .ok_or_else(|| ActionError::Failed("argv is empty".into()))?;
-    let mut expr = duct::cmd(program, rest)
-        .stdin_null()
-        .stdout_capture()
-        .stderr_capture()
-        .unchecked();
-    for (k, v) in env {
-        expr = expr.env(k, v);
-    }
+    let mut cmd = Command::new(program);
+    cmd.args(rest)
+        .envs(env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
     if let Some(cwd) = cwd {
-        expr = expr.dir(cwd);
+        cmd.current_dir(cwd);
     }
     let started = Instant::now();
-    let handle = expr
-        .start()
+    let mut child = cmd
+        .spawn()
         .map_err(ActionError::io(format!("start {}", display_argv(argv))))?;
-    let output = match deadline {
-        None => handle.wait().map_err(ActionError::io("wait"))?,
-        Some(deadline) => match handle
-            .wait_deadline(deadline)
-            .map_err(ActionError::io("wait"))?
-        {
-            Some(out) => out,
-            None => {
-                let _ = handle.kill();
-                return Err(ActionError::TimedOut(started.elapsed()));
-            }
-        },
+    let pid = child.id() as i32;
+    let stdout = drain(child.stdout.take());
+    let stderr = drain(child.stderr.take());
+    let mut timed_out = None;
+    loop {
+        if exited_unreaped(pid) {
+            break;
+        }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            timed_out = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    end_group(pid);
+    let status = child.wait().map_err(ActionError::io("wait"))?;
+    if let Some(after) = timed_out {
+        return Err(ActionError::TimedOut(after));
+    }
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        // A process that left the group (its own session) may hold the pipe open:
+        // what was written up to now is enough.
+        rx.recv_timeout(std::time::Duration::from_secs(2))
+            .unwrap_or_default()
     };
     Ok(Captured {
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&collect(stdout)).into_owned(),
+        stderr: String::from_utf8_lossy(&collect(stderr)).into_owned(),
+        code: status.code(),
     })
+}
+
+/// Reads a pipe to its end on a thread of its own; the bytes arrive on the channel.
+fn drain(pipe: Option<impl std::io::Read + Send + 'static>) -> std::sync::mpsc::Receiver<Vec<u8>> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    if let Some(mut pipe) = pipe {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = pipe.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+    } else {
+        let _ = tx.send(Vec::new());
+    }
+    rx
+}
+
+/// True once `pid` (our child) has exited; it is left a zombie, not reaped, so that
+/// its pid (its group's id) stays taken while the group is ended.
+fn exited_unreaped(pid: i32) -> bool {
+    // SAFETY: waitid writes only into `info`, which is ours and zeroed.
+    unsafe {
+        let mut info: libc::siginfo_t = std::mem::zeroed();
+        let rc = libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        );
+        rc == 0 && info.si_pid() == pid
+    }
+}
+
+/// The live (not zombie) members of process group `pgid`, from /proc.
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                return false;
+            };
+            let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                return false;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let pgrp = fields.nth(1).and_then(|f| f.parse::<i32>().ok());
+            state != Some("Z") && pgrp == Some(pgid)
+        })
+        .collect()
+}
+
+/// Ends every process of group `pgid`: SIGTERM, up to half a second to go, SIGKILL.
+fn end_group(pgid: i32) {
+    let wait_gone = |limit: std::time::Duration| {
+        let until = Instant::now() + limit;
+        while !group_members(pgid).is_empty() {
+            if Instant::now() >= until {
+                return false;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        true
+    };
+    if group_members(pgid).is_empty() {
+        return;
+    }
+    // SAFETY: signals the group this step created (its leader is our unreaped child).
+    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    if !wait_gone(std::time::Duration::from_millis(500)) {
+        // SAFETY: as above.
+        unsafe { libc::kill(-pgid, libc::SIGKILL) };
+        wait_gone(std::time::Duration::from_secs(2));
+    }
 }
 
 #[cfg(test)]
