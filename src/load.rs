@@ -279,6 +279,16 @@ impl<'a> Loader<'a> {
                 None,
             );
         }
+        if raw.steps.is_empty() {
+            // A run of nothing "succeeds" silently, which hides a runbook cut by mistake.
+            c.error(
+                c.src.key_pos("steps"),
+                None,
+                "steps",
+                "a runbook needs at least one step",
+                None,
+            );
+        }
         let params = c.params(&raw);
         let secret_params: BTreeSet<String> = params
             .iter()
@@ -785,7 +795,20 @@ impl Checker<'_> {
 
     fn arg_error(&mut self, with_path: &str, id: &str, arg_path: &str, message: &str) {
         let (field, pos, hint) = if let Some((unknown, expected)) = parse_unknown_field(message) {
-            let field = format!("{with_path}.{unknown}");
+            // serde_path_to_error's path leads to the map that holds the unknown key
+            // (`retry` for `retry.evry`), or already ends in it: either way the field is
+            // the whole path down to the key, so its own line is found.
+            let holder = if arg_path == unknown {
+                ""
+            } else {
+                arg_path
+                    .strip_suffix(&format!(".{unknown}"))
+                    .unwrap_or(arg_path)
+            };
+            let field = match holder {
+                "" => format!("{with_path}.{unknown}"),
+                h => format!("{with_path}.{h}.{unknown}"),
+            };
             let hint = did_you_mean(&unknown, expected.iter().map(String::as_str));
             (field.clone(), self.src.key_pos(&field), hint)
         } else if arg_path.is_empty() {

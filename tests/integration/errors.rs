@@ -98,6 +98,59 @@ help: did you mean `backup_dir`?
 help: did you mean `bytes`?
 ",
     ),
+    (
+        "nested-unknown-arg",
+        "version: 1\nsteps:\n  - id: health\n    action: http\n    with:\n      url: http://127.0.0.1:1/health\n      retry:\n        until_healthy: 10s\n        evry: 2s\n",
+        "runbooks/nested-unknown-arg.yaml:9:9: error: unknown argument `evry`, expected `until_healthy` or `every` (step `health`, field `steps[0].with.retry.evry`)
+ 9 |         evry: 2s
+   |         ^
+help: did you mean `every`?
+",
+    ),
+    (
+        "nested-unknown-expect",
+        "version: 1\nsteps:\n  - id: health\n    action: http\n    with:\n      url: http://127.0.0.1:1/health\n      expect:\n        status: 200\n        jqq: [.ok]\n",
+        "runbooks/nested-unknown-expect.yaml:9:9: error: unknown argument `jqq`, expected `status` or `jq` (step `health`, field `steps[0].with.expect.jqq`)
+ 9 |         jqq: [.ok]
+   |         ^
+help: did you mean `jq`?
+",
+    ),
+    (
+        "nested-unknown-flow",
+        "version: 1\nsteps:\n  - id: q\n    action: sqlite-query\n    with:\n      path: a.db\n      sql: select 1\n      expect: {rows: 1, max_row: 2}\n",
+        "runbooks/nested-unknown-flow.yaml:8:25: error: unknown argument `max_row`, expected one of `rows`, `min_rows`, `max_rows` (step `q`, field `steps[0].with.expect.max_row`)
+ 8 |       expect: {rows: 1, max_row: 2}
+   |                         ^
+help: did you mean `max_rows`?
+",
+    ),
+    (
+        "param-typo",
+        "version: 1\nparams:\n  dir:\n    type: path\n    defualt: /tmp\nsteps:\n  - id: make\n    action: mkdir\n    with: {path: out/x}\n",
+        "runbooks/param-typo.yaml:5:5: error: unknown key `defualt` (field `params.dir.defualt`)
+ 5 |     defualt: /tmp
+   |     ^
+help: did you mean `default`?
+",
+    ),
+    (
+        "lock-typo",
+        "version: 1\nsteps:\n  - id: make\n    action: mkdir\n    with: {path: out/x}\n    lock:\n      path: out.lock\n      timeot: 3s\n",
+        "runbooks/lock-typo.yaml:8:7: error: unknown key `timeot` (step `make`, field `steps[0].lock.timeot`)
+ 8 |       timeot: 3s
+   |       ^
+help: did you mean `timeout`?
+",
+    ),
+    (
+        "no-steps",
+        "version: 1\ndescription: cut by mistake\nsteps: []\n",
+        "runbooks/no-steps.yaml:3:1: error: a runbook needs at least one step (field `steps`)
+ 3 | steps: []
+   | ^
+",
+    ),
 ];
 
 #[test]
@@ -142,6 +195,30 @@ fn call_cycle_is_reported_where_it_closes() {
 runbooks/ops/b.yaml:5:18: error: call cycle: ops/a -> ops/b -> ops/a (step `call-a`, field `steps[0].with.name`)
  5 |     with: {name: ops/a}
    |                  ^
+
+"
+    );
+}
+
+#[test]
+fn an_unknown_param_of_a_called_runbook_is_reported_at_its_own_key() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/ops/child.yaml",
+        "version: 1\nparams:\n  keep: {type: int, default: 1}\nsteps:\n  - id: a\n    action: assert\n    with: {that: keep > 0}\n",
+    );
+    sb.write(
+        "runbooks/ops/parent.yaml",
+        "version: 1\nsteps:\n  - id: call\n    action: runbook\n    with:\n      name: ops/child\n      params:\n        kep: 2\n",
+    );
+    let r = sb.run(&["validate", "ops/parent"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr,
+        "runbooks/ops/parent.yaml:8:9: error: runbook `ops/child` has no param `kep` (step `call`, field `steps[0].with.params.kep`)
+ 8 |         kep: 2
+   |         ^
+help: did you mean `keep`?
 
 "
     );
