@@ -176,15 +176,48 @@ pub trait ActionKind: Send + Sync {
     fn reconcile(&self, args: &serde_json::Value, ctx: &ActionCtx) -> Reconcile;
 }
 
+/// Deserializes rendered arguments. A template renders to a string, so where the field
+/// wants a bool or a number (`keep_daily: "{{ keep_daily }}"`, `insecure: "{{ tls_off }}"`)
+/// the rendered text is read as a YAML scalar (`7`, `true`) and tried in its place; text
+/// that does not parse as what the field takes is an error naming the field and the text.
 fn parse_args<T: DeserializeOwned>(args: &serde_json::Value) -> Result<T, String> {
-    serde_path_to_error::deserialize(args).map_err(|e| {
-        let path = e.path().to_string();
-        if path == "." {
-            format!("invalid arguments: {}", e.inner())
-        } else {
-            format!("invalid argument `{path}`: {}", e.inner())
+    let mut args = args.clone();
+    // Each coercion fixes one field; a bound keeps a pathological input from looping.
+    for _ in 0..64 {
+        let err = match serde_path_to_error::deserialize::<_, T>(&args) {
+            Ok(v) => return Ok(v),
+            Err(e) => e,
+        };
+        let path = err.path().to_string();
+        let inner = err.inner().to_string();
+        let describe = || {
+            if path == "." {
+                format!("invalid arguments: {inner}")
+            } else {
+                format!("invalid argument `{path}`: {inner}")
+            }
+        };
+        let Some(slot) = json_at(&mut args, &path) else {
+            return Err(describe());
+        };
+        let Some(text) = slot.as_str().map(str::to_string) else {
+            return Err(describe());
+        };
+        let scalar = serde_yaml::from_str::<serde_json::Value>(&text)
+            .ok()
+            .filter(|v| v.is_boolean() || v.is_number());
+        match scalar {
+            Some(v) if inner.contains("invalid type: string") => *slot = v,
+            _ if inner.contains("invalid type: string") => {
+                let expected = inner.split_once(", expected ").map_or("", |(_, e)| e);
+                return Err(format!(
+                    "invalid argument `{path}`: it renders to `{text}`, expected {expected}"
+                ));
+            }
+            _ => return Err(describe()),
         }
-    })
+    }
+    Err("invalid arguments: too many values to coerce".into())
 }
 
 impl<A: Action> ActionKind for A {
@@ -246,9 +279,15 @@ impl<A: Action> ActionKind for A {
 }
 
 /// Deserializes raw arguments, letting a whole-value template (`"{{ argv_param }}"`)
-/// stand where a list or map is expected: what it renders to is checked at run time.
+/// stand wherever the field is not a string: a list, a map, a bool, a number or one of
+/// an enum's names (what it renders to is checked at run time, by [`parse_args`]).
+/// Structs (`retry: {...}`) are not templatable. The template is replaced by a stand-in
+/// of the type the field wants, so the checks after it (`check_static`) see a value of
+/// the right shape: a list holding the template itself (so checks of its items skip it
+/// as a template), an empty map, `false`, `0`, or the enum's first name.
 fn deserialize_lenient<T: DeserializeOwned>(mut raw: serde_yaml::Value) -> Result<T, ArgError> {
-    for _ in 0..16 {
+    use serde_yaml::Value as Y;
+    for _ in 0..64 {
         let err = match serde_path_to_error::deserialize::<_, T>(raw.clone()) {
             Ok(v) => return Ok(v),
             Err(e) => e,
@@ -263,14 +302,48 @@ fn deserialize_lenient<T: DeserializeOwned>(mut raw: serde_yaml::Value) -> Resul
         else {
             return Err(ArgError { path, message });
         };
-        // A list holding the template itself, so checks of its items skip it as a template.
-        *slot = if message.contains("expected a sequence") {
-            serde_yaml::Value::Sequence(vec![slot.clone()])
+        let candidates: Vec<Y> = if message.contains("expected a sequence") {
+            vec![Y::Sequence(vec![slot.clone()])]
         } else if message.contains("expected a map") {
-            serde_yaml::Value::Mapping(Default::default())
+            vec![Y::Mapping(Default::default())]
+        } else if message.contains("expected a boolean") {
+            vec![Y::Bool(false)]
+        } else if message.contains("unknown variant") {
+            parse_expected(&message)
+                .into_iter()
+                .take(1)
+                .map(Y::String)
+                .collect()
+        } else if message.contains("expected u")
+            || message.contains("expected i")
+            || message.contains("expected f")
+        {
+            vec![Y::Number(0.into())]
+        } else if message.contains("untagged enum") {
+            // One of several shapes (`status: 200` or `[200, 204]`): the first that fits.
+            vec![
+                Y::Number(0.into()),
+                Y::Sequence(vec![]),
+                Y::Bool(false),
+                Y::Mapping(Default::default()),
+            ]
         } else {
-            return Err(ArgError { path, message });
+            Vec::new()
         };
+        let fits = candidates.into_iter().find(|candidate| {
+            let mut trial = raw.clone();
+            if let Some(s) = value_at(&mut trial, &path) {
+                *s = candidate.clone();
+            }
+            match serde_path_to_error::deserialize::<_, T>(trial) {
+                Ok(_) => true,
+                Err(e) => e.path().to_string() != path.as_str() && !path.is_empty(),
+            }
+        });
+        match (fits, value_at(&mut raw, &path)) {
+            (Some(v), Some(slot)) => *slot = v,
+            _ => return Err(ArgError { path, message }),
+        }
     }
     Err(ArgError {
         path: String::new(),
@@ -278,7 +351,17 @@ fn deserialize_lenient<T: DeserializeOwned>(mut raw: serde_yaml::Value) -> Resul
     })
 }
 
-fn is_whole_template(s: &str) -> bool {
+/// The names serde lists after "expected" (`` expected `never` or `replace` ``).
+fn parse_expected(message: &str) -> Vec<String> {
+    let tail = message.split_once("expected").map_or("", |(_, t)| t);
+    tail.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect()
+}
+
+pub fn is_whole_template(s: &str) -> bool {
     let t = s.trim();
     t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1
 }
@@ -286,19 +369,48 @@ fn is_whole_template(s: &str) -> bool {
 /// The value at a serde_path_to_error path (`argv`, `env.KEY`, `items[2]`).
 fn value_at<'v>(root: &'v mut serde_yaml::Value, path: &str) -> Option<&'v mut serde_yaml::Value> {
     let mut cur = root;
-    for part in path.split('.').filter(|p| !p.is_empty()) {
+    for (key, index) in path_parts(path) {
+        if let Some(key) = key {
+            cur = cur.get_mut(key)?;
+        }
+        if let Some(i) = index {
+            cur = cur.get_mut(i)?;
+        }
+    }
+    Some(cur)
+}
+
+/// As [`value_at`], in rendered (JSON) arguments.
+fn json_at<'v>(root: &'v mut serde_json::Value, path: &str) -> Option<&'v mut serde_json::Value> {
+    let mut cur = root;
+    for (key, index) in path_parts(path) {
+        if let Some(key) = key {
+            cur = cur.get_mut(key)?;
+        }
+        if let Some(i) = index {
+            cur = cur.get_mut(i)?;
+        }
+    }
+    Some(cur)
+}
+
+/// `env.KEY`, `items[2][0]` -> (Some("env"), None), (Some("KEY"), None),
+/// (Some("items"), Some(2)), (None, Some(0)).
+fn path_parts(path: &str) -> Vec<(Option<&str>, Option<usize>)> {
+    let mut out = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty() && *p != ".") {
         let (key, indexes) = match part.find('[') {
             Some(i) => (&part[..i], &part[i..]),
             None => (part, ""),
         };
         if !key.is_empty() {
-            cur = cur.get_mut(key)?;
+            out.push((Some(key), None));
         }
         for idx in indexes.split('[').filter(|s| !s.is_empty()) {
-            cur = cur.get_mut(idx.trim_end_matches(']').parse::<usize>().ok()?)?;
+            out.push((None, idx.trim_end_matches(']').parse::<usize>().ok()));
         }
     }
-    Some(cur)
+    out
 }
 
 /// Every effectful action. One line each.
