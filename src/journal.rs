@@ -260,7 +260,7 @@ impl Journal {
                      ON CONFLICT (run_id, section, key) DO UPDATE SET
                        status = 'started', attempts = ?5, started_at = ?6, args = ?7,
                        finished_at = NULL, duration = NULL, error = NULL",
-                    params![run_id, section.as_str(), key, action, attempt, now(), args.to_string()],
+                    params![run_id, section.as_str(), key, action, attempt, now(), compact_args(args).to_string()],
                 )
                 .map_err(&e)?;
             }
@@ -503,6 +503,33 @@ impl Journal {
             files,
             frames,
         })
+    }
+}
+
+/// Argument strings longer than this are journaled as their size and digest.
+pub const MAX_JOURNALED_ARG: usize = 4096;
+
+/// The rendered arguments as the journal keeps them: a long string (a `write-file`
+/// `content`, a large JSON body) becomes `{"bytes": N, "sha256": HEX}`. The text is
+/// already in the journal once, as the runbook file or the frozen var it was rendered
+/// from, and resume renders it again from those; the row only has to say which value
+/// a step was given, for `runbook show` and for an operator comparing with a file.
+fn compact_args(args: &Json) -> Json {
+    match args {
+        Json::String(s) if s.len() > MAX_JOURNALED_ARG => {
+            use sha2::Digest;
+            serde_json::json!({
+                "bytes": s.len(),
+                "sha256": crate::actions::files::hex(&sha2::Sha256::digest(s.as_bytes())),
+            })
+        }
+        Json::Array(items) => Json::Array(items.iter().map(compact_args).collect()),
+        Json::Object(map) => Json::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), compact_args(v)))
+                .collect(),
+        ),
+        other => other.clone(),
     }
 }
 

@@ -302,7 +302,7 @@ impl<'a> Loader<'a> {
         let scope_all = Scope {
             names: &names,
             steps: &no_steps,
-            later_steps: &none,
+            all_steps: &none,
         };
         for (i, root) in raw.roots.iter().enumerate() {
             c.template(root, &scope_all, &format!("roots[{i}]"), None);
@@ -336,15 +336,10 @@ impl<'a> Loader<'a> {
                 } else {
                     first_seen.insert(&step.id, id_pos);
                 }
-                let later: BTreeSet<String> = all_ids
-                    .iter()
-                    .filter(|id| !earlier.contains_key(*id))
-                    .cloned()
-                    .collect();
                 let scope = Scope {
                     names: &names,
                     steps: &earlier,
-                    later_steps: &later,
+                    all_steps: &all_ids,
                 };
                 let checked = self.step(&mut c, step, &path, &scope);
                 let outputs = checked.as_ref().map(|s| s.kind.output_names(&s.args));
@@ -357,7 +352,7 @@ impl<'a> Loader<'a> {
         let scope_end = Scope {
             names: &names,
             steps: &earlier,
-            later_steps: &none,
+            all_steps: &none,
         };
         for (key, tmpl) in &raw.outputs {
             c.template(tmpl, &scope_end, &format!("outputs.{key}"), None);
@@ -750,7 +745,7 @@ impl Checker<'_> {
             let scope = Scope {
                 names,
                 steps: &no_steps,
-                later_steps: &none,
+                all_steps: &none,
             };
             self.template(&template, &scope, &path, None);
             // A var that reads a secret is a secret too.
@@ -937,14 +932,8 @@ fn serde_diagnostic(src: &SourceFile, e: &serde_yaml::Error) -> Diagnostic {
         .hint(hint)
 }
 
-/// The id of the step that `field` (`steps[2].with.x`) lies in, read from the file.
+/// The id of the step that `field` (`steps[2].with.x`) lies in, read from the index.
 fn step_id_at(src: &SourceFile, field: &str) -> Option<String> {
-    let (section, rest) = field.split_once('[')?;
-    let index: usize = rest.split_once(']')?.0.parse().ok()?;
-    let doc: Yaml = serde_yaml::from_str(&src.text).ok()?;
-    doc.get(section)?
-        .get(index)?
-        .get("id")?
-        .as_str()
-        .map(str::to_string)
+    let end = field.find(']')?;
+    src.step_id(&field[..=end]).map(str::to_string)
 }

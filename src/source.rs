@@ -26,6 +26,12 @@ pub struct SourceFile {
     pub text: String,
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
+    /// Byte offset of each line's start: a diagnostic's snippet is found without
+    /// scanning the file (one scan per error made `validate` quadratic in errors).
+    line_starts: Vec<usize>,
+    /// The text of every `<list>[i].id` scalar, so an error found by serde can name
+    /// its step without parsing the file again.
+    ids: HashMap<String, String>,
 }
 
 impl SourceFile {
@@ -34,11 +40,16 @@ impl SourceFile {
         // Syntax errors are reported by serde_yaml with a location; here a failed parse
         // only leaves the index partial.
         let _ = Parser::new_from_str(&text).load(&mut index, false);
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
         SourceFile {
             path: path.to_path_buf(),
             text,
             values: index.values,
             keys: index.keys,
+            line_starts,
+            ids: index.ids,
         }
     }
 
@@ -65,7 +76,21 @@ impl SourceFile {
     }
 
     pub fn line_text(&self, line: usize) -> Option<&str> {
-        self.text.lines().nth(line.checked_sub(1)?)
+        let start = *self.line_starts.get(line.checked_sub(1)?)?;
+        if start >= self.text.len() && line > 1 {
+            return None;
+        }
+        let end = self
+            .line_starts
+            .get(line)
+            .map_or(self.text.len(), |e| e - 1);
+        let text = &self.text[start..end.max(start)];
+        Some(text.strip_suffix('\r').unwrap_or(text))
+    }
+
+    /// The id of the step at `list_path` (`steps[2]`), as written.
+    pub fn step_id(&self, list_path: &str) -> Option<&str> {
+        self.ids.get(&format!("{list_path}.id")).map(String::as_str)
     }
 }
 
@@ -101,6 +126,7 @@ struct Indexer {
     stack: Vec<Frame>,
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
+    ids: HashMap<String, String>,
 }
 
 impl Indexer {
@@ -138,6 +164,11 @@ impl MarkedEventReceiver for Indexer {
         match ev {
             Event::Scalar(..) | Event::Alias(..) => {
                 if let Some(p) = self.node_path(&ev, pos) {
+                    if let Event::Scalar(text, ..) = &ev
+                        && p.ends_with("].id")
+                    {
+                        self.ids.insert(p.clone(), text.clone());
+                    }
                     self.values.insert(p, pos);
                 }
             }
@@ -179,6 +210,20 @@ mod tests {
             src.value_pos("steps[0].with.nope"),
             Pos { line: 4, col: 11 }
         );
+    }
+
+    #[test]
+    fn line_text_is_each_line_without_its_end() {
+        let src = SourceFile::new(Path::new("f.yaml"), "a: 1\r\nb: 2\n\nc: 3".to_string());
+        assert_eq!(src.line_text(1), Some("a: 1"));
+        assert_eq!(src.line_text(2), Some("b: 2"));
+        assert_eq!(src.line_text(3), Some(""));
+        assert_eq!(src.line_text(4), Some("c: 3"));
+        assert_eq!(src.line_text(5), None);
+        assert_eq!(src.line_text(0), None);
+        let src = SourceFile::new(Path::new("f.yaml"), "a: 1\n".to_string());
+        assert_eq!(src.line_text(1), Some("a: 1"));
+        assert_eq!(src.line_text(2), None);
     }
 
     #[test]

@@ -19,14 +19,39 @@ pub struct Templates {
     env: Environment<'static>,
 }
 
+/// The most one rendered value (a var, an argument, an output) may hold. A runbook's
+/// values are paths, names and file contents; vars that double each other
+/// (`b: "{{ a ~ a }}"`) would otherwise grow until an allocation fails and the
+/// process aborts.
+pub const MAX_RENDERED_BYTES: usize = 16 << 20;
+
+/// The work one rendering may do: minijinja's fuel is about one unit per instruction
+/// and per 64 bytes of data created, so this bounds both a loop over `range(10**9)`
+/// and the memory a single template can build up (about 128 MB) before its result is
+/// measured against [`MAX_RENDERED_BYTES`].
+pub const RENDER_FUEL: u64 = 2_000_000;
+
+/// Refuses a rendered value above [`MAX_RENDERED_BYTES`].
+fn bounded(len: usize) -> Result<(), String> {
+    if len > MAX_RENDERED_BYTES {
+        Err(format!(
+            "it renders to more than {} MiB ({len} bytes), the limit of one rendered value",
+            MAX_RENDERED_BYTES >> 20
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 /// The names a template may use.
 pub struct Scope<'a> {
     pub names: &'a BTreeSet<String>,
     /// Step ids whose outputs may be read (`steps.<id>`), with the outputs each
     /// declares (None when not known).
     pub steps: &'a BTreeMap<String, Option<Vec<String>>>,
-    /// Ids that exist but run later (for a better message).
-    pub later_steps: &'a BTreeSet<String>,
+    /// Every step id of the runbook: one not in `steps` runs later (for a better
+    /// message). One set for the whole runbook, so checking a step costs no copy of it.
+    pub all_steps: &'a BTreeSet<String>,
 }
 
 /// A problem found in a template before it runs.
@@ -91,6 +116,7 @@ impl Templates {
     pub fn new() -> Self {
         let mut env = Environment::new();
         env.set_undefined_behavior(UndefinedBehavior::Strict);
+        env.set_fuel(Some(RENDER_FUEL));
         // Multi-line content (write-file) keeps its final newline.
         if let Ok(syntax) = minijinja::syntax::SyntaxConfig::builder()
             .keep_trailing_newline(true)
@@ -127,7 +153,7 @@ impl Templates {
                     check_step_field(id, parts.next(), parts.next(), declared.as_deref())?;
                     continue;
                 }
-                let message = if scope.later_steps.contains(id) {
+                let message = if scope.all_steps.contains(id) {
                     format!("`steps.{id}` is read before step `{id}` runs")
                 } else {
                     format!("undefined step `{id}` in `{name}`")
@@ -182,7 +208,9 @@ impl Templates {
         if !source.contains("{{") && !source.contains("{%") {
             return Ok(source.to_string());
         }
-        self.env.render_str(source, ctx).map_err(|e| describe(&e))
+        let out = self.env.render_str(source, ctx).map_err(|e| describe(&e))?;
+        bounded(out.len())?;
+        Ok(out)
     }
 
     /// Renders a template to JSON. A template that is one `{{ expression }}` whose value
@@ -219,7 +247,9 @@ impl Templates {
                 _ => false,
             };
             if typed {
-                return serde_json::to_value(&value).map_err(|e| e.to_string());
+                let json = serde_json::to_value(&value).map_err(|e| e.to_string())?;
+                bounded(json.to_string().len())?;
+                return Ok(json);
             }
         }
         self.render(source, ctx).map(serde_json::Value::String)
@@ -327,6 +357,12 @@ pub fn describe(e: &minijinja::Error) -> String {
             None => format!("{UNDEFINED} (strict mode): a name or attribute does not exist"),
             Some(detail) => format!("{UNDEFINED} (strict mode): {detail}"),
         };
+    }
+    if e.kind() == minijinja::ErrorKind::OutOfFuel {
+        msg = format!(
+            "the template does more work than one rendering may ({RENDER_FUEL} steps, or about {} MB of data it builds)",
+            RENDER_FUEL * 64 / 1_000_000
+        );
     }
     msg
 }

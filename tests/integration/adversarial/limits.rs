@@ -1,1 +1,201 @@
-//! Adversarial cases: limits (see mod.rs).
+//! Adversarial cases: limits (see mod.rs). Sizes no runbook needs must be refused with
+//! a message that names the value, never abort the process or take forever.
+
+use crate::support::{Sandbox, tree_digest};
+
+/// A runbook of `n` steps: a mkdir, then a write-file that reads its outputs, so every
+/// step has templates and step references to check.
+fn many_steps(n: usize) -> String {
+    let mut text = String::from(
+        "version: 1\nparams:\n  base: {type: path, default: out}\nroots: [\"{{ base }}\"]\nsteps:\n",
+    );
+    for i in (0..n).step_by(2) {
+        text.push_str(&format!(
+            "  - id: make{i}\n    action: mkdir\n    with: {{path: \"{{{{ base }}}}/d{i}\"}}\n  - id: note{i}\n    action: write-file\n    with: {{path: \"{{{{ steps.make{i}.outputs.path }}}}/note\", content: \"step {i}\"}}\n"
+        ));
+    }
+    text
+}
+
+#[test]
+fn a_hundred_thousand_step_runbook_validates() {
+    // No timing here (benches/validate-scale.sh measures): a quadratic validate took
+    // 14 s for 8,000 steps and never finished this one; the suite's timeout guards.
+    let sb = Sandbox::new();
+    sb.write("runbooks/huge.yaml", &many_steps(100_000));
+    let r = sb.run(&["validate", "huge"]);
+    assert_eq!(
+        (r.code, r.stdout.as_str()),
+        (0, "ok  huge (runbooks/huge.yaml)\n"),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn errors_in_a_large_runbook_each_name_their_own_line() {
+    // Every error looks up its line; with one scan of the file per error this was
+    // quadratic too. The last one must still point at its own line.
+    let sb = Sandbox::new();
+    let mut text = String::from("version: 1\nsteps:\n");
+    for i in 0..20_000 {
+        text.push_str(&format!(
+            "  - id: s{i}\n    action: mkdir\n    with: {{path: \"{{{{ nope{i} }}}}\"}}\n"
+        ));
+    }
+    sb.write("runbooks/bad.yaml", &text);
+    let r = sb.run(&["validate", "bad"]);
+    assert_eq!(r.code, 2);
+    assert_eq!(
+        r.stderr.matches(": error: undefined variable").count(),
+        20_000
+    );
+    let last_line = 2 + 20_000 * 3;
+    assert!(
+        r.stderr.contains(&format!(
+            "runbooks/bad.yaml:{last_line}:22: error: undefined variable `nope19999` (step `s19999`, field `steps[19999].with.path`)\n {last_line} |     with: {{path: \"{{{{ nope19999 }}}}\"}}\n"
+        )),
+        "{}",
+        &r.stderr[r.stderr.len().saturating_sub(600)..]
+    );
+}
+
+/// `v0` is 32 bytes and every var doubles the one before it: `v20` would be 32 MiB.
+fn doubling_vars(last: usize) -> String {
+    let mut text = String::from(
+        "version: 1\nparams:\n  x: {type: string, default: 0123456789abcdef}\nvars:\n  v0: \"{{ x ~ x }}\"\n",
+    );
+    for i in 1..=last {
+        text.push_str(&format!("  v{i}: \"{{{{ v{p} ~ v{p} }}}}\"\n", p = i - 1));
+    }
+    text
+}
+
+#[test]
+fn vars_that_double_each_other_stop_at_the_size_limit_before_anything_is_written() {
+    let sb = Sandbox::new();
+    let mut text = doubling_vars(29);
+    text.push_str(
+        "steps:\n  - id: w\n    action: write-file\n    with: {path: out.txt, content: \"{{ v29 }}\"}\n",
+    );
+    sb.write("runbooks/grow.yaml", &text);
+    let before = tree_digest(sb.path());
+    for cmd in ["plan", "run"] {
+        let r = sb.run(&[cmd, "grow"]);
+        assert_eq!(
+            (r.code, r.stderr.as_str()),
+            (
+                2,
+                "error: var `v20`: it renders to more than 16 MiB (33554432 bytes), the limit of one rendered value\n"
+            ),
+            "{cmd}: {r:?}"
+        );
+    }
+    assert_eq!(tree_digest(sb.path()), before, "something was written");
+}
+
+#[test]
+fn a_step_argument_over_the_size_limit_is_refused_by_the_plan() {
+    let sb = Sandbox::new();
+    // v18 is 8 MiB: a var of its own is fine, the content made of three is not.
+    let mut text = doubling_vars(18);
+    text.push_str(
+        "steps:\n  - id: w\n    action: write-file\n    with: {path: out.txt, content: \"{{ v18 ~ v18 ~ v18 }}\"}\n",
+    );
+    sb.write("runbooks/wide.yaml", &text);
+    let before = tree_digest(sb.path());
+    let r = sb.run(&["run", "wide"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stderr.starts_with(
+            "error: refusing to run `wide`: step `w` would fail: `content`: it renders to more than 16 MiB (25165824 bytes), the limit of one rendered value\n"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(tree_digest(sb.path()), before, "something was written");
+}
+
+#[test]
+fn a_template_that_works_without_end_runs_out_of_fuel() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/spin.yaml",
+        "version: 1\nsteps:\n  - id: w\n    action: write-file\n    with: {path: out.txt, content: \"{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}\"}\n",
+    );
+    let r = sb.run(&["plan", "spin"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stdout.contains(
+            "would fail  w  write-file: `content`: the template does more work than one rendering may (2000000 steps, or about 128 MB of data it builds)\n"
+        ),
+        "{r:?}"
+    );
+    sb.write(
+        "runbooks/spin-var.yaml",
+        "version: 1\nvars:\n  dots: \"{% for i in range(100000) %}{% for j in range(100000) %}.{% endfor %}{% endfor %}\"\nsteps:\n  - id: w\n    action: write-file\n    with: {path: out.txt, content: \"{{ dots }}\"}\n",
+    );
+    let r = sb.run(&["run", "spin-var"]);
+    assert_eq!(
+        (r.code, r.stderr.as_str()),
+        (
+            2,
+            "error: var `dots`: the template does more work than one rendering may (2000000 steps, or about 128 MB of data it builds)\n"
+        ),
+        "{r:?}"
+    );
+    assert!(!sb.p("out.txt").exists() && !sb.p("state").exists());
+}
+
+#[test]
+fn write_file_content_is_journaled_once() {
+    let sb = Sandbox::new();
+    // 64 KiB of distinct lines, rendered from a var (frozen in the journal).
+    sb.write(
+        "runbooks/big.yaml",
+        "version: 1\nvars:\n  body: \"{% for i in range(4000) %}line {{ '%012d' | format(i) }}\\n{% endfor %}\"\nsteps:\n  - id: w\n    action: write-file\n    with: {path: out.txt, content: \"{{ body }}\"}\n",
+    );
+    let r = sb.run(&["run", "big"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let content = sb.read("out.txt");
+    assert!(content.len() > 64_000, "{}", content.len());
+    let marker = "line 000000003999";
+    let db = rusqlite::Connection::open(sb.p("state/journal.db")).unwrap();
+    let mut copies = 0;
+    for (table, column) in [
+        ("runs", "vars"),
+        ("runs", "params"),
+        ("run_files", "content"),
+        ("steps", "args"),
+        ("steps", "outputs"),
+        ("frames", "vars"),
+    ] {
+        let mut stmt = db
+            .prepare(&format!("SELECT {column} FROM {table}"))
+            .unwrap();
+        let rows: Vec<Option<String>> = stmt
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        copies += rows
+            .iter()
+            .flatten()
+            .filter(|text| text.contains(marker))
+            .count();
+    }
+    assert_eq!(
+        copies, 1,
+        "the content should be journaled once (the frozen var)"
+    );
+    let args: String = db
+        .query_row("SELECT args FROM steps WHERE key = 'w'", [], |r| r.get(0))
+        .unwrap();
+    let args: serde_json::Value = serde_json::from_str(&args).unwrap();
+    use sha2::Digest;
+    assert_eq!(
+        args["content"],
+        serde_json::json!({
+            "bytes": content.len(),
+            "sha256": runbook::actions::files::hex(&sha2::Sha256::digest(content.as_bytes())),
+        })
+    );
+}
