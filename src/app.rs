@@ -361,11 +361,15 @@ impl App<'_> {
     }
 
     fn acquire(&self, rb: &Runbook, run_id: &str) -> Result<Vec<crate::lock::HeldLock>, AppError> {
+        crate::journal::check_state_dir(&self.state_dir)?;
         Self::locks(rb)
             .iter()
             .map(|name| {
-                crate::lock::acquire(&self.state_dir, name, run_id)
-                    .map_err(|e| AppError::Refused(e.to_string()))
+                crate::lock::acquire(&self.state_dir, name, run_id).map_err(|e| match e {
+                    crate::lock::LockError::Held { .. } => AppError::Refused(e.to_string()),
+                    // Not a held lock: the state dir cannot hold one (exit 4).
+                    other => AppError::Internal(other.to_string()),
+                })
             })
             .collect()
     }
@@ -809,6 +813,8 @@ impl App<'_> {
     }
 
     fn journal_if_any(&self) -> Result<Option<Journal>, AppError> {
+        // A state dir that is a file, or unwritable, is not an empty journal.
+        crate::journal::check_state_dir(&self.state_dir)?;
         if self.state_dir.join("journal.db").exists() {
             Ok(Some(Journal::open(&self.state_dir)?))
         } else {

@@ -24,10 +24,19 @@ pub enum JournalError {
         path: PathBuf,
         source: rusqlite::Error,
     },
-    #[error("cannot create state dir {path}: {source}")]
+    #[error("cannot create state dir {path}: {source}; {CHOOSE_ANOTHER}")]
     Dir {
         path: PathBuf,
         source: std::io::Error,
+    },
+    #[error("state dir {path} {why}; {CHOOSE_ANOTHER}")]
+    Unusable { path: PathBuf, why: String },
+    #[error(
+        "journal {path} cannot be opened: {source}; if it is damaged or not a runbook journal, move it aside, or {CHOOSE_ANOTHER_LOWER}"
+    )]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
     },
     #[error(
         "journal {path} has format version {found}; this engine reads version {FORMAT_VERSION}"
@@ -35,6 +44,41 @@ pub enum JournalError {
     Version { path: PathBuf, found: i64 },
     #[error("no run `{0}` in the journal (`runbook runs` lists them)")]
     NoSuchRun(String),
+}
+
+const CHOOSE_ANOTHER: &str =
+    "fix it, or choose another state dir (--state-dir DIR or RUNBOOK_STATE_DIR)";
+const CHOOSE_ANOTHER_LOWER: &str =
+    "choose another state dir (--state-dir DIR or RUNBOOK_STATE_DIR)";
+
+/// Refuses a state dir that exists but cannot hold the journal and locks: a file, or
+/// a directory this process cannot write (a read-only mount stops root too). Every
+/// command that reads or writes the state dir asks this first, so each reports the
+/// same problem the same way (exit 4) rather than as a held lock or an empty journal.
+pub fn check_state_dir(dir: &Path) -> Result<(), JournalError> {
+    let unusable = |why: String| JournalError::Unusable {
+        path: dir.to_path_buf(),
+        why,
+    };
+    match std::fs::metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(unusable(format!("cannot be read: {e}"))),
+        Ok(m) if !m.is_dir() => Err(unusable("is not a directory".into())),
+        Ok(_) => {
+            use std::os::unix::ffi::OsStrExt;
+            let c = std::ffi::CString::new(dir.as_os_str().as_bytes())
+                .map_err(|_| unusable("has a NUL byte in its name".into()))?;
+            // SAFETY: `c` is a valid NUL-terminated path for the duration of the call.
+            if unsafe { libc::access(c.as_ptr(), libc::W_OK | libc::X_OK) } == 0 {
+                Ok(())
+            } else {
+                Err(unusable(format!(
+                    "is not writable ({})",
+                    std::io::Error::last_os_error()
+                )))
+            }
+        }
+    }
 }
 
 pub struct Journal {
@@ -128,12 +172,14 @@ CREATE TABLE IF NOT EXISTS steps (
 
 impl Journal {
     pub fn open(state_dir: &Path) -> Result<Self, JournalError> {
+        check_state_dir(state_dir)?;
         std::fs::create_dir_all(state_dir).map_err(|source| JournalError::Dir {
             path: state_dir.to_path_buf(),
             source,
         })?;
         let path = state_dir.join("journal.db");
-        let sql = |source| JournalError::Sqlite {
+        // Every failure while opening says the journal itself is unusable.
+        let sql = |source| JournalError::Open {
             path: path.clone(),
             source,
         };

@@ -199,3 +199,95 @@ fn write_file_content_is_journaled_once() {
         })
     );
 }
+
+/// A read-only tmpfs mounted on a directory (root writes through mode bits, not
+/// through a read-only mount), unmounted when dropped.
+struct ReadOnlyMount(std::path::PathBuf);
+
+impl ReadOnlyMount {
+    fn at(dir: &std::path::Path) -> Self {
+        std::fs::create_dir_all(dir).unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+            .arg(dir)
+            .status()
+            .expect("run mount");
+        assert!(status.success(), "mount -t tmpfs -o ro failed (these tests run as root)");
+        ReadOnlyMount(dir.to_path_buf())
+    }
+}
+
+impl Drop for ReadOnlyMount {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_unusable_state_dir_is_exit_4_for_every_command_that_uses_it() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/ok.yaml",
+        "version: 1\nsteps:\n  - id: a\n    action: assert\n    with: {that: \"true\"}\nrollback:\n  - id: r\n    action: assert\n    with: {that: \"true\"}\n",
+    );
+    sb.write("state-file", "not a directory\n");
+    sb.write("bad-journal/journal.db", "this is not a SQLite database, only text\n");
+    let _ro = ReadOnlyMount::at(&sb.p("read-only"));
+    let root = sb.path().display().to_string();
+    let cases = [
+        (
+            "state-file",
+            format!(
+                "error: state dir {root}/state-file is not a directory; fix it, or choose another state dir (--state-dir DIR or RUNBOOK_STATE_DIR)\n"
+            ),
+        ),
+        (
+            "read-only",
+            format!(
+                "error: state dir {root}/read-only is not writable (Read-only file system (os error 30)); fix it, or choose another state dir (--state-dir DIR or RUNBOOK_STATE_DIR)\n"
+            ),
+        ),
+        (
+            "bad-journal",
+            format!(
+                "error: journal {root}/bad-journal/journal.db cannot be opened: file is not a database; if it is damaged or not a runbook journal, move it aside, or choose another state dir (--state-dir DIR or RUNBOOK_STATE_DIR)\n"
+            ),
+        ),
+    ];
+    let commands: [&[&str]; 5] = [
+        &["run", "ok"],
+        &["resume", "20260101T000000Z-abcdef"],
+        &["rollback", "20260101T000000Z-abcdef"],
+        &["runs"],
+        &["show", "20260101T000000Z-abcdef"],
+    ];
+    for (dir, expected) in &cases {
+        let state = sb.p(dir);
+        for args in commands {
+            let r = sb
+                .cmd(args)
+                .env("RUNBOOK_STATE_DIR", &state)
+                .output()
+                .unwrap();
+            let r = crate::support::Run::from(r);
+            assert_eq!(
+                (r.code, r.stderr.as_str()),
+                (4, expected.as_str()),
+                "{dir}: {args:?}: {r:?}"
+            );
+        }
+        // The dry-run writes nothing and needs no state dir: it still plans.
+        let r = crate::support::Run::from(
+            sb.cmd(&["plan", "ok"])
+                .env("RUNBOOK_STATE_DIR", &state)
+                .output()
+                .unwrap(),
+        );
+        assert_eq!(r.code, 0, "{dir}: plan: {r:?}");
+    }
+    assert_eq!(sb.read("state-file"), "not a directory\n");
+    assert_eq!(
+        sb.read("bad-journal/journal.db"),
+        "this is not a SQLite database, only text\n"
+    );
+}
