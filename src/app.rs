@@ -387,7 +387,8 @@ impl App<'_> {
         let assume_yes = inputs.yes;
         let (plan, mut frame, inputs) = self.prepare(name, inputs, false)?;
         if let Some((step, why)) = plan.first_failure() {
-            if !self.json() {
+            // `-q` asks for the result only: the refusal says which step and why.
+            if !self.json() && !self.cli.quiet {
                 print!("{}", plan_text(&plan));
             }
             return Err(AppError::Refused(format!(

@@ -169,8 +169,14 @@ fn init_logging(verbose: u8) {
         2 => tracing::Level::DEBUG,
         _ => tracing::Level::TRACE,
     };
+    // Colour only for a person at a terminal, and never when NO_COLOR is set
+    // (no-color.org): escape codes in a log file or a CI capture are noise.
+    use std::io::IsTerminal;
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
         .with_max_level(level)
+        .with_ansi(colour)
         .with_writer(|| RedactedStderr)
         .with_target(false)
         .try_init();

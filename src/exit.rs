@@ -12,7 +12,8 @@ pub enum Exit {
     /// changed since the run began, or an interrupted step needs checking. Nothing ran
     /// (or nothing more).
     Refused = 3,
-    /// The engine itself failed (journal unwritable, I/O error).
+    /// The engine itself failed: the state dir or journal is unusable (a file, not
+    /// writable, not a database) for any command that uses it, or an I/O error.
     Internal = 4,
 }
 

@@ -212,7 +212,10 @@ impl ReadOnlyMount {
             .arg(dir)
             .status()
             .expect("run mount");
-        assert!(status.success(), "mount -t tmpfs -o ro failed (these tests run as root)");
+        assert!(
+            status.success(),
+            "mount -t tmpfs -o ro failed (these tests run as root)"
+        );
         ReadOnlyMount(dir.to_path_buf())
     }
 }
@@ -231,7 +234,10 @@ fn an_unusable_state_dir_is_exit_4_for_every_command_that_uses_it() {
         "version: 1\nsteps:\n  - id: a\n    action: assert\n    with: {that: \"true\"}\nrollback:\n  - id: r\n    action: assert\n    with: {that: \"true\"}\n",
     );
     sb.write("state-file", "not a directory\n");
-    sb.write("bad-journal/journal.db", "this is not a SQLite database, only text\n");
+    sb.write(
+        "bad-journal/journal.db",
+        "this is not a SQLite database, only text\n",
+    );
     let _ro = ReadOnlyMount::at(&sb.p("read-only"));
     let root = sb.path().display().to_string();
     let cases = [
@@ -290,4 +296,78 @@ fn an_unusable_state_dir_is_exit_4_for_every_command_that_uses_it() {
         sb.read("bad-journal/journal.db"),
         "this is not a SQLite database, only text\n"
     );
+}
+
+#[test]
+fn debug_logs_are_coloured_only_on_a_terminal_and_never_with_no_color() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/ok.yaml",
+        "version: 1\nsteps:\n  - id: a\n    action: assert\n    with: {that: \"true\"}\n",
+    );
+    // A pipe: plain text.
+    let r = sb.run(&["-vv", "run", "ok"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stderr.contains("DEBUG run starting"), "{r:?}");
+    assert!(
+        !r.stderr.contains('\u{1b}'),
+        "escape codes in a pipe: {r:?}"
+    );
+    // A real terminal (script(1) gives the program a pty): colour, unless NO_COLOR.
+    let bin = env!("CARGO_BIN_EXE_runbook");
+    let on_tty = |no_color: &str| {
+        let out = std::process::Command::new("script")
+            .args([
+                "-qec",
+                &format!("env {no_color} {bin} -vv run ok"),
+                "/dev/null",
+            ])
+            .current_dir(sb.path())
+            .env("RUNBOOK_STATE_DIR", sb.p("state"))
+            .env_remove("NO_COLOR")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("run script");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let coloured = on_tty("");
+    assert!(coloured.contains("run starting"), "{coloured}");
+    assert!(
+        coloured.contains("\u{1b}["),
+        "no colour on a terminal: {coloured}"
+    );
+    let plain = on_tty("NO_COLOR=1");
+    assert!(plain.contains("DEBUG run starting"), "{plain}");
+    assert!(
+        !plain.contains('\u{1b}'),
+        "colour despite NO_COLOR: {plain}"
+    );
+}
+
+#[test]
+fn quiet_run_of_a_refused_plan_prints_only_the_refusal() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/refused.yaml",
+        "version: 1\nsteps:\n  - id: one\n    action: mkdir\n    with: {path: out/a}\n  - id: two\n    action: path-check\n    with: {path: \"{root}/missing\"}\n",
+    );
+    let r = sb.run(&["-q", "run", "refused"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.stdout, "", "-q printed the plan: {r:?}");
+    // Two lines: which step would fail and why, and what to do. (The reason is the
+    // action's own text, checked elsewhere.)
+    let lines: Vec<&str> = r.stderr.lines().collect();
+    assert_eq!(lines.len(), 2, "{r:?}");
+    assert!(
+        lines[0].starts_with("error: refusing to run `refused`: step `two` would fail: ")
+            && lines[0].contains("missing"),
+        "{r:?}"
+    );
+    assert_eq!(
+        lines[1],
+        "nothing was changed; fix the cause and run again (`runbook plan` shows the whole plan)"
+    );
+    // Without -q the whole plan is shown, as before.
+    let r = sb.run(&["run", "refused"]);
+    assert!(r.stdout.starts_with("plan refused ("), "{r:?}");
 }
