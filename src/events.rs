@@ -135,6 +135,15 @@ pub enum Event {
         /// More attempts follow.
         will_retry: bool,
     },
+    /// A step with `expect_failure` failed as it was expected to: it counts as done.
+    StepFailedAsExpected {
+        key: String,
+        section: Section,
+        #[serde(with = "secs")]
+        duration: Duration,
+        /// The error it failed with (secrets masked).
+        error: String,
+    },
     StepSkipped {
         key: String,
         section: Section,

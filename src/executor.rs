@@ -101,6 +101,29 @@ fn confirm(message: &str, assume_yes: bool) -> Result<&'static str, String> {
 
 type StepResult = Result<(), Stop>;
 
+/// A step's result judged against its `expect_failure`.
+enum Judged {
+    Succeeded(Outputs),
+    /// It failed, and that was expected: the step is done.
+    FailedAsExpected(String),
+    Failed(String),
+}
+
+/// `expected`: the text the error of a step with `expect_failure` must contain.
+fn judge(expected: Option<&str>, result: Result<Outputs, String>) -> Judged {
+    match (expected, result) {
+        (None, Ok(outputs)) => Judged::Succeeded(outputs),
+        (None, Err(error)) => Judged::Failed(error),
+        (Some(want), Err(error)) if error.contains(want) => Judged::FailedAsExpected(error),
+        (Some(want), Err(error)) => Judged::Failed(format!(
+            "failed with a different error: {error} (expected an error containing `{want}`)"
+        )),
+        (Some(want), Ok(_)) => {
+            Judged::Failed(format!("expected to fail with `{want}`, but it succeeded"))
+        }
+    }
+}
+
 impl Executor<'_> {
     /// Records (durably, through the journal sink) that a step's attempt begins; the
     /// clock of its duration starts here.
@@ -252,9 +275,17 @@ impl Executor<'_> {
         )
     }
 
-    fn prior_status(&self, section: Section, key: &str) -> Option<(String, Outputs)> {
+    fn prior_status(
+        &self,
+        section: Section,
+        key: &str,
+    ) -> Option<(String, Outputs, Option<String>)> {
         let step = self.prior?.step(section, key)?;
-        Some((step.status.clone(), step.outputs.clone()))
+        Some((
+            step.status.clone(),
+            step.outputs.clone(),
+            step.error.clone(),
+        ))
     }
 
     fn run_steps(
@@ -272,16 +303,22 @@ impl Executor<'_> {
             } else {
                 None
             };
-            match prior.as_ref().map(|(s, o)| (s.as_str(), o)) {
-                Some(("succeeded", outputs)) => {
+            match prior.as_ref().map(|(s, o, e)| (s.as_str(), o, e)) {
+                Some(("succeeded", outputs, error)) => {
+                    // A step that failed as expected keeps its error readable.
                     frame.steps.insert(
                         step.id.clone(),
-                        StepState::done("succeeded", outputs.clone()),
+                        StepState::Done {
+                            status: "succeeded",
+                            outputs: outputs.clone(),
+                            duration: 0.0,
+                            error: error.clone(),
+                        },
                     );
                     self.emit(Event::StepAlreadyDone { key, section })?;
                     continue;
                 }
-                Some(("skipped", _)) => {
+                Some(("skipped", ..)) => {
                     frame
                         .steps
                         .insert(step.id.clone(), StepState::done("skipped", Outputs::new()));
@@ -290,7 +327,7 @@ impl Executor<'_> {
                 }
                 _ => {}
             }
-            let interrupted = matches!(prior.as_ref().map(|(s, _)| s.as_str()), Some("started"));
+            let interrupted = matches!(prior.as_ref().map(|(s, ..)| s.as_str()), Some("started"));
             let result = self.run_step(frame, step, &key, section, interrupted)?;
             match result {
                 Ok(()) => {}
@@ -354,6 +391,17 @@ impl Executor<'_> {
         // What the arguments make of a secret is masked in everything after this.
         frame.redactor = frame.redactor_for(&step.args, &args, self.templates);
         let shown_args = frame.redactor.json(&args);
+        let expected = match &step.expect_failure {
+            None => None,
+            Some(template) => match frame.render(template, self.templates) {
+                Ok(text) => Some(text),
+                Err(e) => {
+                    let error = format!("`expect_failure.contains`: {e}");
+                    return self.fail_now(frame, key, section, action, shown_args, error);
+                }
+            },
+        };
+        let expected = expected.as_deref();
         // Held until this function returns: for every attempt of the step.
         let _step_lock = match &step.lock {
             None => None,
@@ -378,7 +426,7 @@ impl Executor<'_> {
                     out.insert("answer".into(), Json::String(answer.into()));
                     out
                 });
-                self.finish(frame, step, key, section, started, result)
+                self.finish(frame, step, key, section, started, expected, result)
             }
             StepKind::Action(kind) => {
                 let ctx = ActionCtx {
@@ -439,42 +487,15 @@ impl Executor<'_> {
                             r
                         }
                     };
-                    match result {
-                        Ok(outputs) => {
-                            let shown = frame.redactor_outputs(&outputs);
-                            frame.steps.insert(
-                                step.id.clone(),
-                                StepState::done("succeeded", outputs).timed(started.elapsed()),
-                            );
-                            self.emit(Event::StepSucceeded {
-                                key: key.to_string(),
-                                section,
-                                duration: started.elapsed(),
-                                outputs: shown,
-                                reconciled: false,
-                            })?;
-                            return Ok(Ok(()));
-                        }
-                        Err(error) => {
-                            let error = frame.redactor.text(&error);
-                            let will_retry = attempt < step.attempts;
-                            self.emit(Event::StepFailed {
-                                key: key.to_string(),
-                                section,
-                                duration: started.elapsed(),
-                                error: error.clone(),
-                                will_retry,
-                            })?;
-                            if will_retry {
-                                std::thread::sleep(step.retry_delay);
-                            } else {
-                                return Ok(Err(Stop::Failed {
-                                    key: key.to_string(),
-                                    error,
-                                }));
-                            }
-                        }
+                    // Attempts are retried until the judged outcome is right.
+                    let judged = judge(expected, result);
+                    let will_retry = matches!(judged, Judged::Failed(_)) && attempt < step.attempts;
+                    let outcome =
+                        self.conclude(frame, step, key, section, started, judged, will_retry)?;
+                    if !will_retry {
+                        return Ok(outcome);
                     }
+                    std::thread::sleep(step.retry_delay);
                 }
                 unreachable!("attempts is at least 1")
             }
@@ -493,15 +514,30 @@ impl Executor<'_> {
                     key,
                     section,
                     started,
+                    expected,
                     result.map(|()| Outputs::new()),
                 )
             }
             StepKind::Call(child) => {
                 let started = self.start_step(key, section, action, 1, shown_args)?;
+                if args.get("dry_run") == Some(&Json::Bool(true)) {
+                    let result = self.dry_run_call(child, step, &args, frame);
+                    return self.finish(frame, step, key, section, started, expected, result);
+                }
                 let mut child_frame =
                     match child_frame(child, step, &args, frame, self.inputs, self.templates) {
                         Ok(f) => f,
-                        Err(e) => return self.finish(frame, step, key, section, started, Err(e)),
+                        Err(e) => {
+                            return self.finish(
+                                frame,
+                                step,
+                                key,
+                                section,
+                                started,
+                                expected,
+                                Err(e),
+                            );
+                        }
                     };
                 // A resumed call sees the vars its first attempt froze (never a secret
                 // one: those were not frozen, and are rendered again).
@@ -534,11 +570,39 @@ impl Executor<'_> {
                 // The caller masks what its callee knew to be secret (its outputs may
                 // carry a secret the callee got from a vars file).
                 frame.redactor.absorb(&child_frame.redactor);
-                self.finish(frame, step, key, section, started, result)
+                self.finish(frame, step, key, section, started, expected, result)
             }
         }
     }
 
+    /// A call with `dry_run: true`: the called runbook's plan, made now (read-only), as
+    /// the step's outputs; it fails when a step of that plan would fail.
+    fn dry_run_call(
+        &self,
+        child: &std::sync::Arc<crate::load::Runbook>,
+        step: &Step,
+        args: &Json,
+        caller: &Frame,
+    ) -> Result<Outputs, String> {
+        let frame = child_frame(child, step, args, caller, self.inputs, self.templates)?;
+        let planner = crate::plan::Planner {
+            templates: self.templates,
+            inputs: self.inputs,
+            state_dir: self.state_dir.clone(),
+            assume_yes: self.assume_yes,
+            probe: false,
+        };
+        let plan = planner.plan(child.clone(), frame);
+        if let Some((key, why)) = plan.first_failure() {
+            return Err(format!(
+                "the plan of `{}` fails: step `{key}` would fail: {why}",
+                child.name
+            ));
+        }
+        Ok(plan.as_outputs())
+    }
+
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
         frame: &mut Frame,
@@ -546,10 +610,46 @@ impl Executor<'_> {
         key: &str,
         section: Section,
         started: Instant,
+        expected: Option<&str>,
         result: Result<Outputs, String>,
     ) -> Result<StepResult, ExecError> {
-        match result {
-            Ok(outputs) => {
+        let judged = judge(expected, result);
+        self.conclude(frame, step, key, section, started, judged, false)
+    }
+
+    /// Records a step attempt's judged outcome: in the frame and as an event.
+    #[allow(clippy::too_many_arguments)]
+    fn conclude(
+        &mut self,
+        frame: &mut Frame,
+        step: &Step,
+        key: &str,
+        section: Section,
+        started: Instant,
+        judged: Judged,
+        will_retry: bool,
+    ) -> Result<StepResult, ExecError> {
+        match judged {
+            Judged::FailedAsExpected(error) => {
+                let error = frame.redactor.text(&error);
+                frame.steps.insert(
+                    step.id.clone(),
+                    StepState::Done {
+                        status: "succeeded",
+                        outputs: Outputs::new(),
+                        duration: started.elapsed().as_secs_f64(),
+                        error: Some(error.clone()),
+                    },
+                );
+                self.emit(Event::StepFailedAsExpected {
+                    key: key.to_string(),
+                    section,
+                    duration: started.elapsed(),
+                    error,
+                })?;
+                Ok(Ok(()))
+            }
+            Judged::Succeeded(outputs) => {
                 let shown = frame.redactor_outputs(&outputs);
                 frame.steps.insert(
                     step.id.clone(),
@@ -564,14 +664,14 @@ impl Executor<'_> {
                 })?;
                 Ok(Ok(()))
             }
-            Err(error) => {
+            Judged::Failed(error) => {
                 let error = frame.redactor.text(&error);
                 self.emit(Event::StepFailed {
                     key: key.to_string(),
                     section,
                     duration: started.elapsed(),
                     error: error.clone(),
-                    will_retry: false,
+                    will_retry,
                 })?;
                 Ok(Err(Stop::Failed {
                     key: key.to_string(),

@@ -345,6 +345,20 @@ impl Journal {
                 )
                 .map_err(&e)?;
             }
+            // Done, as expected: resume skips it, and its error stays readable.
+            Event::StepFailedAsExpected {
+                key,
+                section,
+                duration,
+                error,
+            } => {
+                c.execute(
+                    "UPDATE steps SET status = 'succeeded', finished_at = ?4, duration = ?5, outputs = '{}', error = ?6
+                     WHERE run_id = ?1 AND section = ?2 AND key = ?3",
+                    params![run_id, section.as_str(), key, now(), duration.as_secs_f64(), error],
+                )
+                .map_err(&e)?;
+            }
             Event::StepSkipped {
                 key,
                 section,

@@ -57,6 +57,8 @@ pub struct Step {
     pub idempotent: Option<bool>,
     pub lock: Option<StepLock>,
     pub continue_on_failure: bool,
+    /// `expect_failure.contains` (a template): the step succeeds only by failing with it.
+    pub expect_failure: Option<String>,
 }
 
 #[derive(Debug)]
@@ -86,6 +88,9 @@ impl StepKind {
             StepKind::Action(a) => a.output_names(args),
             StepKind::Assert => Vec::new(),
             StepKind::Confirm => vec!["answer".to_string()],
+            StepKind::Call(_) if args.get("dry_run") == Some(&Yaml::Bool(true)) => {
+                DRY_RUN_OUTPUTS.iter().map(|s| s.to_string()).collect()
+            }
             StepKind::Call(child) => child.outputs.iter().map(|(k, _)| k.clone()).collect(),
         }
     }
@@ -124,6 +129,9 @@ pub struct ConfirmArgs {
     pub message: String,
 }
 
+/// The outputs of a `runbook` call with `dry_run: true` (see `Plan::as_outputs`).
+pub const DRY_RUN_OUTPUTS: [&str; 4] = ["details", "summary", "ok", "steps"];
+
 /// `runbook`: run another runbook as part of this one.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -135,6 +143,11 @@ pub struct CallArgs {
     #[serde(default)]
     #[schemars(with = "IndexMap<String, serde_json::Value>")]
     pub params: IndexMap<String, Yaml>,
+    /// Plan the runbook instead of running it (read-only, like `runbook plan`): the
+    /// step succeeds when no step of that plan would fail, and outputs the plan
+    /// (`details`, `summary`, `ok`, `steps`: id, action, verdict, detail of each).
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 impl Runbook {
@@ -532,10 +545,25 @@ impl<'a> Loader<'a> {
                 }),
             }
         });
+        let expect_failure = step.expect_failure.as_ref().map(|e| {
+            let field = format!("{path}.expect_failure.contains");
+            if e.contains.trim().is_empty() {
+                c.error(
+                    c.src.value_pos(&field),
+                    Some(id),
+                    &field,
+                    "`contains` must name the expected error (any failure is not an expectation)",
+                    None,
+                );
+            }
+            c.template(&e.contains, scope, &field, Some(id));
+            e.contains.clone()
+        });
         if c.errors.len() > errors_before {
             return None;
         }
         Some(Step {
+            expect_failure,
             lock,
             continue_on_failure: step.on_failure == crate::raw::OnFailure::Continue,
             id: id.to_string(),

@@ -64,6 +64,9 @@ pub struct PlannedStep {
     /// `on_failure: continue`: its failure does not stop the run (nor fail the plan).
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     pub continues: bool,
+    /// `expect_failure.contains` as rendered: the step must fail with that error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub expect_failure: Option<String>,
     /// The arguments as they will be used (secrets masked); absent when rendering failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args: Option<Json>,
@@ -117,12 +120,53 @@ impl Plan {
         t
     }
 
-    /// The first step (depth first) that would fail, with its reason.
+    /// The plan as a dry-run call's outputs: `details` (each step's verdict, one line),
+    /// `summary` (the counts), `ok` and `steps` (id, action, verdict, detail of each).
+    pub fn as_outputs(&self) -> crate::actions::Outputs {
+        let t = self.tally();
+        let summary = format!(
+            "{} steps: {} will change, {} no change, {} unknown, {} skipped, {} would fail",
+            self.steps.len(),
+            t.will_change,
+            t.no_change,
+            t.unknown,
+            t.skipped,
+            t.would_fail + t.may_fail
+        );
+        let steps: Vec<Json> = self
+            .steps
+            .iter()
+            .map(|s| {
+                serde_json::json!({
+                    "id": s.id,
+                    "action": s.action,
+                    "verdict": s.verdict.label(),
+                    "detail": s.verdict.detail(),
+                })
+            })
+            .collect();
+        let details: Vec<String> = self
+            .steps
+            .iter()
+            .map(|s| format!("{} {}: {}", s.id, s.verdict.label(), s.verdict.detail()))
+            .collect();
+        let mut out = crate::actions::Outputs::new();
+        out.insert("details".into(), Json::String(details.join("; ")));
+        out.insert("summary".into(), Json::String(summary));
+        out.insert("ok".into(), Json::Bool(self.ok));
+        out.insert("steps".into(), Json::Array(steps));
+        out
+    }
+
+    /// The first step (depth first) that would fail and stop the run, with its reason.
     pub fn first_failure(&self) -> Option<(String, String)> {
         fn find(prefix: &str, steps: &[PlannedStep]) -> Option<(String, String)> {
             for s in steps {
                 let key = format!("{prefix}{}", s.id);
-                if let Some(inner) = find(&format!("{key}/"), &s.steps) {
+                // Inside a call whose failure does not stop the run (it is expected, or
+                // `on_failure: continue`), a failing step does not either.
+                let stops = !s.continues && s.expect_failure.is_none();
+                if stops && let Some(inner) = find(&format!("{key}/"), &s.steps) {
                     return Some(inner);
                 }
                 if let (true, PlanVerdict::WouldFail(why)) = (s.fails(), &s.verdict) {
@@ -143,6 +187,8 @@ enum Known {
     Ran(Result<crate::actions::Outputs, String>),
     /// Its `when` is known to be false: skipped, with no outputs, as the run records it.
     Skipped,
+    /// An `expect_failure` step the plan sees fail as expected, with that error.
+    FailsAsExpected(String),
 }
 
 pub struct Planner<'a> {
@@ -199,6 +245,12 @@ impl Planner<'_> {
                     error: Some(error),
                 },
                 Known::Skipped => StepState::done("skipped", Default::default()),
+                Known::FailsAsExpected(error) => StepState::Done {
+                    status: "succeeded",
+                    outputs: Default::default(),
+                    duration: 0.0,
+                    error: Some(error),
+                },
             };
             frame.steps.insert(step.id.clone(), state);
             out.push(planned);
@@ -239,7 +291,25 @@ impl Planner<'_> {
     /// check judged on the real system).
     fn plan_step(&self, step: &Step, frame: &Frame, world: &mut World) -> (PlannedStep, Known) {
         let mut known = Known::Nothing;
-        let planned = self.plan_step_inner(step, frame, world, &mut known);
+        let mut planned = self.plan_step_inner(step, frame, world, &mut known);
+        if let Some(template) = &step.expect_failure {
+            frame.reads.take();
+            match frame.render(template, self.templates) {
+                Ok(want) if frame.reads.take().is_empty() => {
+                    (planned.verdict, known) = expected_failure(planned.verdict, known, &want);
+                    planned.expect_failure = Some(frame.redactor.text(&want));
+                }
+                // The expected text reads outputs of steps that have not run.
+                Ok(_) => {
+                    planned.verdict = PlanVerdict::Unknown(Vec::new());
+                    known = Known::Nothing;
+                }
+                Err(e) => {
+                    planned.verdict = unknown_or(frame, format!("`expect_failure.contains`: {e}"));
+                    known = Known::Nothing;
+                }
+            }
+        }
         (planned, known)
     }
 
@@ -256,6 +326,7 @@ impl Planner<'_> {
             description: step.description.clone(),
             verdict: PlanVerdict::NoChange(String::new()),
             continues: step.continue_on_failure,
+            expect_failure: None,
             args: None,
             steps: Vec::new(),
         };
@@ -384,6 +455,25 @@ impl Planner<'_> {
             StepKind::Call(child) => {
                 if let Some(u) = unknown {
                     u
+                } else if args.get("dry_run") == Some(&Json::Bool(true)) {
+                    // Only planned at run time too: nothing of it is predicted to happen.
+                    let (verdict, steps) =
+                        self.plan_call(child, step, &args, frame, &mut world.clone());
+                    planned.steps = steps;
+                    match verdict {
+                        PlanVerdict::WouldFail(why) => PlanVerdict::WouldFail(why),
+                        _ => PlanVerdict::NoChange(format!(
+                            "plans `{}` (a dry-run: nothing changes)",
+                            child.name
+                        )),
+                    }
+                } else if step.expect_failure.is_some() {
+                    // A call expected to fail stops part-way and runs its own rollback:
+                    // the steps after it are judged without its predicted effects.
+                    let (verdict, steps) =
+                        self.plan_call(child, step, &args, frame, &mut world.clone());
+                    planned.steps = steps;
+                    verdict
                 } else {
                     let (verdict, steps) = self.plan_call(child, step, &args, frame, world);
                     planned.steps = steps;
@@ -488,6 +578,32 @@ fn named_paths(args: &Json, out: &mut Vec<PathBuf>) {
         Json::Array(items) => items.iter().for_each(|i| named_paths(i, out)),
         Json::Object(map) => map.values().for_each(|v| named_paths(v, out)),
         _ => {}
+    }
+}
+
+/// The verdict of a step that must fail with `want`, from its usual one: a failure the
+/// plan sees is "no change: fails as expected" when its error matches (and the steps
+/// after it see it done, with that error), and "would fail" when it does not; a
+/// read-only check the plan ran and saw pass would fail at run time. Anything else the
+/// plan cannot tell: the usual verdict stands.
+fn expected_failure(verdict: PlanVerdict, known: Known, want: &str) -> (PlanVerdict, Known) {
+    match (verdict, known) {
+        (PlanVerdict::WouldFail(why), _) if why.contains(want) => (
+            PlanVerdict::NoChange(format!("fails as expected: {why}")),
+            Known::FailsAsExpected(why),
+        ),
+        (PlanVerdict::WouldFail(why), _) => (
+            PlanVerdict::WouldFail(format!(
+                "would fail with a different error: {why} (expected an error containing `{want}`)"
+            )),
+            Known::Nothing,
+        ),
+        (_, Known::Ran(Ok(_)) | Known::Status("succeeded")) => (
+            PlanVerdict::WouldFail(format!("expected to fail with `{want}`, but it passes now")),
+            Known::Nothing,
+        ),
+        // Its usual verdict; what later steps see of it waits for the run.
+        (verdict, _) => (verdict, Known::Nothing),
     }
 }
 

@@ -125,6 +125,21 @@ pub struct RawStep {
     /// problem of a snapshot rather than the first).
     #[serde(default)]
     pub on_failure: OnFailure,
+    /// The step is expected to fail (a drill shows that a check notices damage, or that
+    /// a forced failure rolls back): it succeeds when its action, or the runbook it
+    /// calls, fails with a matching error, and fails when it succeeds or fails
+    /// otherwise. Later steps read the error as `steps.<id>.error`.
+    #[serde(default)]
+    pub expect_failure: Option<RawExpectFailure>,
+}
+
+/// The failure a step is expected to end with.
+#[derive(Debug, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "ExpectFailure")]
+pub struct RawExpectFailure {
+    /// Text (a template) that the step's error must contain.
+    pub contains: String,
 }
 
 /// What a failed step does to the run.

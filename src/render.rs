@@ -85,6 +85,15 @@ impl EventSink for Reporter {
                 "  FAILED   {key}: {error}{}",
                 if *will_retry { " (retrying)" } else { "" }
             )),
+            Event::StepFailedAsExpected {
+                key,
+                duration,
+                error,
+                ..
+            } => Some(format!(
+                "  ok       {key} ({}, failed as expected: {error})",
+                secs(*duration)
+            )),
             Event::StepSkipped { key, reason, .. } => Some(format!("  skipped  {key}: {reason}")),
             Event::StepAlreadyDone { key, .. } => {
                 Some(format!("  done     {key} (finished in an earlier attempt)"))
@@ -258,8 +267,13 @@ pub fn show_text(run: &RunRecord) -> String {
             "  {:<9} {} ({}){dur}{attempts}\n",
             st.status, st.key, st.action
         ));
-        if let Some(e) = &st.error {
-            s.push_str(&format!("            {e}\n"));
+        match &st.error {
+            // A step with `expect_failure` that did fail as expected.
+            Some(e) if st.status == "succeeded" => {
+                s.push_str(&format!("            failed as expected: {e}\n"));
+            }
+            Some(e) => s.push_str(&format!("            {e}\n")),
+            None => {}
         }
         if !st.outputs.is_empty() {
             let outputs = serde_json::to_string(&st.outputs).unwrap_or_default();

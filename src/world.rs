@@ -38,7 +38,7 @@ enum Predicted {
     RealCopyOf(PathBuf),
 }
 
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct World {
     /// None for the real world: predictions are dropped and every query goes to disk.
     overlay: Option<BTreeMap<PathBuf, Predicted>>,
@@ -303,7 +303,7 @@ impl OpaqueScope {
 /// One opaque step of the plan and the paths that later predictions have made known
 /// again (`true`: with everything below; `false`: the path alone, as a `mkdir` knows
 /// the directory but not what the opaque step put in it).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct Opaque {
     step: String,
     scope: OpaqueScope,
@@ -325,7 +325,7 @@ impl Opaque {
 /// reach. A query of a path that an opaque step may have changed answers with today's
 /// guess, but notes the step: the planner then calls the verdict "unknown until that
 /// step runs" rather than trust (or fail on) a guess.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct Opacity {
     steps: Vec<Opaque>,
     /// Opaque steps (indexes into `steps`) whose reach the current step read.

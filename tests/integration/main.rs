@@ -9,6 +9,7 @@ mod daemon;
 mod drill;
 mod dry_run;
 mod errors;
+mod expect_failure;
 mod files;
 mod gates;
 mod http;

@@ -44,9 +44,86 @@ pub struct PathCheckArgs {
     /// Minimum size in bytes (files: their size; directories: the total of the files below).
     #[serde(default)]
     pub min_size: Option<u64>,
-    /// Also output the file's sha256 (for metadata and checksums).
+    /// `true`: also output its sha256 (a file's, or a directory's digest of the names,
+    /// types, contents and link targets below it: equal digests mean identical trees).
+    /// A hex string: output it, and it must be this one.
     #[serde(default)]
-    pub sha256: bool,
+    pub sha256: Sha256,
+    /// For a directory's `sha256`: names (globs: `*`, `?`) of entries left out at any
+    /// depth, with what is below them, e.g. `["*-shm", "backups"]`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+/// `sha256`: whether to output it, or the one it must be.
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(untagged)]
+pub enum Sha256 {
+    Output(bool),
+    Expect(String),
+}
+
+impl Default for Sha256 {
+    fn default() -> Self {
+        Sha256::Output(false)
+    }
+}
+
+/// `exclude` globs as regexes over one entry name.
+fn name_patterns(globs: &[String]) -> Result<Vec<regex::Regex>, String> {
+    globs
+        .iter()
+        .map(|glob| {
+            let mut re = String::from("^");
+            for ch in glob.chars() {
+                match ch {
+                    '*' => re.push_str(".*"),
+                    '?' => re.push('.'),
+                    '/' => {
+                        return Err(format!("`{glob}`: a pattern matches one name, without `/`"));
+                    }
+                    other => re.push_str(&regex::escape(&other.to_string())),
+                }
+            }
+            re.push('$');
+            regex::Regex::new(&re).map_err(|e| format!("`{glob}`: {e}"))
+        })
+        .collect()
+}
+
+/// The digest of a tree: every entry below `root` (sorted, `exclude` left out) as its
+/// relative path, its type and its content (files) or target (symlinks).
+fn sha256_tree(root: &std::path::Path, exclude: &[regex::Regex]) -> std::io::Result<String> {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    let walk = walkdir::WalkDir::new(root)
+        .sort_by_file_name()
+        .min_depth(1)
+        .into_iter()
+        .filter_entry(|e| {
+            let name = e.file_name().to_string_lossy();
+            !exclude.iter().any(|re| re.is_match(&name))
+        });
+    for entry in walk {
+        let entry = entry.map_err(std::io::Error::other)?;
+        let rel = entry.path().strip_prefix(root).unwrap_or(entry.path());
+        h.update(rel.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        let kind = entry.file_type();
+        if kind.is_file() {
+            h.update(b"f");
+            h.update(sha256_file(entry.path())?.as_bytes());
+        } else if kind.is_dir() {
+            h.update(b"d");
+        } else if kind.is_symlink() {
+            h.update(b"l");
+            h.update(fs::read_link(entry.path())?.as_os_str().as_encoded_bytes());
+        } else {
+            h.update(b"o");
+        }
+        h.update([0]);
+    }
+    Ok(super::hex(&h.finalize()))
 }
 
 fn yes() -> bool {
@@ -113,8 +190,9 @@ fn describe(path: &std::path::Path) -> Outputs {
 
 impl PathCheck {
     /// Every expectation that does not hold for the real path.
-    fn problems(args: &PathCheckArgs) -> Result<(Vec<String>, Outputs), String> {
-        let found = describe(&args.path);
+    /// `digest`: compute the sha256 (a judgement only needs it to compare it).
+    fn problems(args: &PathCheckArgs, digest: bool) -> Result<(Vec<String>, Outputs), String> {
+        let mut found = describe(&args.path);
         let exists = found["exists"] == json!(true);
         let mut problems = Vec::new();
         if exists != args.exists {
@@ -164,6 +242,24 @@ impl PathCheck {
                 problems.push(format!("size is {size} bytes, less than {min}"));
             }
         }
+        let wanted = match args.sha256 {
+            Sha256::Output(wanted) => wanted && digest,
+            Sha256::Expect(_) => true,
+        };
+        if wanted && (meta.is_file() || meta.is_dir()) {
+            let digest = if meta.is_dir() {
+                sha256_tree(&args.path, &name_patterns(&args.exclude)?)
+            } else {
+                sha256_file(&args.path)
+            }
+            .map_err(|e| format!("read {}: {e}", args.path.display()))?;
+            if let Sha256::Expect(want) = &args.sha256
+                && !want.eq_ignore_ascii_case(&digest)
+            {
+                problems.push(format!("sha256 is {digest}, not {want}"));
+            }
+            found.insert("sha256".into(), json!(digest));
+        }
         Ok((problems, found))
     }
 }
@@ -181,6 +277,7 @@ impl Action for PathCheck {
     }
 
     fn check_static(&self, args: &PathCheckArgs) -> Result<(), (String, String)> {
+        name_patterns(&args.exclude).map_err(|e| ("exclude".into(), e))?;
         if let Some(m) = &args.mode {
             m.check_static().map_err(|e| ("mode".into(), e))?;
         }
@@ -223,7 +320,7 @@ impl Action for PathCheck {
                 show(&args.path)
             ));
         }
-        match Self::problems(args) {
+        match Self::problems(args, false) {
             Err(e) => Verdict::WouldFail(e),
             Ok((problems, _)) if problems.is_empty() => {
                 Verdict::NoChange(format!("{} is as expected", show(&args.path)))
@@ -235,23 +332,13 @@ impl Action for PathCheck {
     }
 
     fn execute(&self, args: &PathCheckArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
-        let (problems, mut found) = Self::problems(args).map_err(ActionError::Failed)?;
+        let (problems, found) = Self::problems(args, true).map_err(ActionError::Failed)?;
         if !problems.is_empty() {
             return Err(ActionError::Failed(format!(
                 "{}: {}",
                 args.path.display(),
                 problems.join("; ")
             )));
-        }
-        // A missing path (`exists: false`) has no `type`.
-        if args.sha256 && found.get("type") == Some(&json!("file")) {
-            found.insert(
-                "sha256".into(),
-                json!(
-                    sha256_file(&args.path)
-                        .map_err(ActionError::io(format!("read {}", args.path.display())))?
-                ),
-            );
         }
         Ok(found)
     }
