@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use crate::catalog::Catalog;
 use crate::cli::{Cli, Command, Inputs};
-use crate::events::{Event, RunHeader, RunStatus};
+use crate::events::{Event, EventSink, RunHeader, RunStatus};
 use crate::executor::{Executor, Stop};
 use crate::exit::Exit;
 use crate::frame::{Frame, Inherited, StepState};
@@ -26,6 +26,9 @@ enum AppError {
     Invalid(String),
     #[error("{0}")]
     Refused(String),
+    /// `run` refused: the plan says this step (its key) would fail.
+    #[error("{message}")]
+    PlanRefused { step: String, message: String },
     #[error("{0}")]
     Internal(String),
 }
@@ -35,7 +38,7 @@ impl AppError {
         match self {
             AppError::Load(LoadError::Io { .. }) | AppError::Internal(_) => Exit::Internal,
             AppError::Load(_) | AppError::Invalid(_) => Exit::Invalid,
-            AppError::Refused(_) => Exit::Refused,
+            AppError::Refused(_) | AppError::PlanRefused { .. } => Exit::Refused,
         }
     }
 }
@@ -132,7 +135,7 @@ pub fn dispatch(cli: &Cli) -> Exit {
         } => app.rollback(run_id, inputs, *accept_changes, *again),
         Command::Runs => app.runs(),
         Command::Show { run_id } => app.show(run_id),
-        Command::Drill { keep, dir } => app.drill(*keep, dir.clone()),
+        Command::Drill { keep, dir, inputs } => app.drill(*keep, dir.clone(), inputs),
         Command::Schema => {
             print!("{}", crate::schema::runbook_schema_text());
             Ok(Exit::Success)
@@ -384,17 +387,34 @@ impl App<'_> {
     }
 
     fn run(&self, name: &str, inputs: &Inputs, no_rollback: bool) -> Result<Exit, AppError> {
+        let outcome = self.run_observed(name, inputs, no_rollback, None)?;
+        Ok(exit_for(outcome.status, outcome.stop.as_ref()))
+    }
+
+    /// `run`, with `observer` (when given) consuming the run's events instead of the
+    /// reporter (and the refused plan left unprinted: the observer reports it).
+    fn run_observed(
+        &self,
+        name: &str,
+        inputs: &Inputs,
+        no_rollback: bool,
+        observer: Option<&mut dyn EventSink>,
+    ) -> Result<crate::executor::Outcome, AppError> {
         let assume_yes = inputs.yes;
         let (plan, mut frame, inputs) = self.prepare(name, inputs, false)?;
         if let Some((step, why)) = plan.first_failure() {
-            // `-q` asks for the result only: the refusal says which step and why.
-            if !self.json() && !self.cli.quiet {
+            // `-q` asks for the result only: the refusal says which step and why; an
+            // observer (the drill) reports the refusal itself.
+            if !self.json() && !self.cli.quiet && observer.is_none() {
                 print!("{}", plan_text(&plan));
             }
-            return Err(AppError::Refused(format!(
-                "refusing to run `{}`: step `{step}` would fail: {why}\nnothing was changed; fix the cause and run again (`runbook plan` shows the whole plan)",
-                plan.runbook
-            )));
+            return Err(AppError::PlanRefused {
+                message: format!(
+                    "refusing to run `{}`: step `{step}` would fail: {why}\nnothing was changed; fix the cause and run again (`runbook plan` shows the whole plan)",
+                    plan.runbook
+                ),
+                step,
+            });
         }
         let rb = frame.runbook.clone();
         let run_id = new_run_id();
@@ -423,7 +443,7 @@ impl App<'_> {
                 .map(|s| (s.id.clone(), s.kind.action_name()))
                 .collect(),
         };
-        let outcome = self.execute(
+        self.execute_observed(
             &journal,
             run_id.as_ref(),
             &inputs,
@@ -436,8 +456,8 @@ impl App<'_> {
                 assume_yes,
             },
             Event::RunStarted(Box::new(header)),
-        )?;
-        Ok(exit_for(outcome.status, outcome.stop.as_ref()))
+            observer,
+        )
     }
 
     /// The runbook of an earlier run, refusing when its files changed (unless accepted).
@@ -737,21 +757,41 @@ impl App<'_> {
         how: Execution<'_>,
         start: Event,
     ) -> Result<crate::executor::Outcome, AppError> {
+        self.execute_observed(journal, run_id, inputs, frame, how, start, None)
+    }
+
+    /// As [`App::execute`]; `observer`, when given, takes the reporter's place.
+    #[allow(clippy::too_many_arguments)]
+    fn execute_observed(
+        &self,
+        journal: &Journal,
+        run_id: &str,
+        inputs: &ParamInputs,
+        frame: &mut Frame,
+        how: Execution<'_>,
+        start: Event,
+        observer: Option<&mut dyn EventSink>,
+    ) -> Result<crate::executor::Outcome, AppError> {
         let mut sink = JournalSink {
             journal,
             run_id: run_id.to_string(),
         };
         let mut reporter = self.reporter(run_id);
+        let observed = observer.is_some();
+        let consumer: &mut dyn EventSink = match observer {
+            Some(o) => o,
+            None => &mut reporter,
+        };
         let mut executor = Executor {
             templates: &self.templates,
             inputs,
             state_dir: self.state_dir.clone(),
-            sinks: vec![&mut sink, &mut reporter],
+            sinks: vec![&mut sink, consumer],
             prior: how.prior,
             retry_steps: how.retry_steps,
             no_rollback: how.no_rollback,
             run_id: run_id.to_string(),
-            progress: !self.json() && !self.cli.quiet,
+            progress: !self.json() && !self.cli.quiet && !observed,
             assume_yes: how.assume_yes,
         };
         Ok(if how.rollback_only {
@@ -761,32 +801,61 @@ impl App<'_> {
         })
     }
 
-    fn drill(&self, keep: bool, dir: Option<PathBuf>) -> Result<Exit, AppError> {
-        use crate::drill::{Drill, default_dir, junit, testkit_path, text_line, text_summary};
-        let dir = crate::world::normalize(&dir.unwrap_or_else(default_dir));
+    /// The AtoCore drill: builds a sandbox, then runs the bundled cycle runbook on it
+    /// (through `run`, journaled in the sandbox's state dir), reporting each stage.
+    fn drill(&self, keep: bool, dir: Option<PathBuf>, given: &Inputs) -> Result<Exit, AppError> {
+        use crate::drill::{CYCLE, StageReport, default_dir, junit, testkit_path, text_summary};
+        let cwd = std::env::current_dir().unwrap_or_default();
+        let absolute = |p: &std::path::Path| crate::world::normalize(&cwd.join(p));
+        let dir = absolute(&dir.unwrap_or_else(default_dir));
         let text = self.cli.format == Format::Text;
+        let testkit = testkit_path();
+        if !testkit.is_file() {
+            return Err(AppError::Refused(
+                crate::drill::DrillError::NoTestkit(testkit).to_string(),
+            ));
+        }
         if text {
             println!("drill: sandbox in {}", dir.display());
         }
-        let runbook = std::env::current_exe()
-            .map_err(|e| AppError::Internal(format!("cannot find this binary: {e}")))?;
-        let drill = Drill {
-            runbook,
-            testkit: testkit_path(),
-            search_path: self
-                .cli
-                .path
-                .iter()
-                .map(|p| crate::world::normalize(p))
-                .collect(),
-            dir: dir.clone(),
-            on_stage: Box::new(move |n, stage| {
-                if text {
-                    println!("{}", text_line(n, stage));
-                }
-            }),
+        // The sandbox's own engine: its journal and locks live in it, and the search
+        // path is absolute so that `runbook resume` works from anywhere.
+        let sandboxed = App {
+            cli: self.cli,
+            catalog: Catalog {
+                search_path: self.cli.path.iter().map(|p| absolute(p)).collect(),
+            },
+            templates: Templates::new(),
+            state_dir: dir.join("state"),
         };
-        let report = drill.run().map_err(|e| AppError::Refused(e.to_string()))?;
+        let cycle = sandboxed.load(CYCLE)?;
+        let mut report = StageReport::new(&dir, text);
+        report.expect_cycle(&cycle);
+        if report.build_sandbox(&testkit) {
+            let port = crate::drill::free_port().map_err(|e| AppError::Refused(e.to_string()))?;
+            let mut vars = vec![dir.join("sandbox.yaml")];
+            vars.extend(given.vars.iter().map(|v| absolute(v)));
+            let mut set = vec![
+                format!("testkit={}", testkit.display()),
+                format!("drill_dir={}", dir.join("drill").display()),
+                format!("scratch_addr=127.0.0.1:{port}"),
+            ];
+            set.extend(given.set.iter().cloned());
+            let inputs = Inputs {
+                vars,
+                set,
+                yes: true,
+            };
+            match sandboxed.run_observed(CYCLE, &inputs, false, Some(&mut report)) {
+                Ok(_) => {}
+                Err(AppError::PlanRefused { step, message }) => {
+                    let why = message.lines().next().unwrap_or_default();
+                    report.refused(&step, why);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let report = report.finish();
         match self.cli.format {
             Format::Text => print!("{}", text_summary(&report)),
             Format::Json => println!(

@@ -145,6 +145,10 @@ pub enum Command {
         /// Build the sandbox here (default: a new directory under the temp dir).
         #[arg(long, value_name = "DIR")]
         dir: Option<PathBuf>,
+        /// Values for the cycle's params (`atocore/drill-cycle`), after the sandbox's
+        /// own vars file, e.g. `--set damage_kind=corrupt-db`.
+        #[command(flatten)]
+        inputs: Inputs,
     },
 }
 

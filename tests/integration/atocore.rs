@@ -1377,6 +1377,18 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
                 format!("drill_addr=127.0.0.1:{drill_port}"),
             ],
         ),
+        (
+            "atocore/drill-cycle",
+            vec![
+                format!("testkit={TESTKIT}"),
+                format!("drill_dir={drill_dir}"),
+                format!("scratch_addr=127.0.0.1:{drill_port}"),
+            ],
+        ),
+        (
+            "atocore/restore-must-roll-back",
+            vec![format!("stamp={stamp}")],
+        ),
     ];
     let listed: BTreeSet<String> = std::fs::read_dir(Path::new(RUNBOOKS).join("atocore"))
         .unwrap()

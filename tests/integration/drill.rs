@@ -17,12 +17,13 @@ fn the_drill_passes_on_a_fresh_sandbox_and_reports_junit() {
         dir.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"runbook drill\" tests=\"14\" failures=\"0\""), "{r:?}");
+    assert!(r.stdout.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"runbook drill\" tests=\"15\" failures=\"0\""), "{r:?}");
     for stage in [
         "sandbox",
         "backup",
         "list",
         "validate",
+        "listed",
         "damage",
         "detect",
         "restore",
@@ -40,8 +41,7 @@ fn the_drill_passes_on_a_fresh_sandbox_and_reports_junit() {
         );
     }
     assert!(
-        r.stdout
-            .contains("status rolled-back, live data byte-identical to before"),
+        r.stdout.contains("a restore whose verify fails rolls back byte for byte: live_data byte-identical to before, live_sha256 "),
         "{r:?}"
     );
     assert!(!dir.exists(), "the sandbox was left behind without --keep");
@@ -64,13 +64,13 @@ fn the_drill_in_text_keeps_its_sandbox_when_asked() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], format!("drill: sandbox in {}", dir.display()));
     assert!(
-        lines[1].starts_with("[ 1/14] sandbox                ok  "),
+        lines[1].starts_with("[ 1/15] sandbox                ok  "),
         "{r:?}"
     );
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("drill passed: 14 stages, 0 failed, ")),
+            .any(|l| l.starts_with("drill passed: 15 stages, 0 failed, ")),
         "{r:?}"
     );
     assert!(
@@ -87,16 +87,217 @@ fn the_drill_in_text_keeps_its_sandbox_when_asked() {
         .output()
         .unwrap();
     let runs: serde_json::Value = serde_json::from_slice(&runs.stdout).unwrap();
-    let restores: Vec<&str> = runs
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| r["runbook"] == "atocore/restore")
-        .map(|r| r["status"].as_str().unwrap())
-        .collect();
-    assert_eq!(restores, ["rolled-back", "succeeded"]);
+    // One run of the cycle: every stage a step of it, the forced restore rolled back.
+    let runs = runs.as_array().unwrap();
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    assert_eq!(runs[0]["runbook"], "atocore/drill-cycle");
+    assert_eq!(runs[0]["status"], "succeeded");
+    let id = runs[0]["id"].as_str().unwrap();
+    assert!(
+        lines.contains(
+            &format!(
+                "drill: run {id} of atocore/drill-cycle (journal: RUNBOOK_STATE_DIR={}/state)",
+                dir.display()
+            )
+            .as_str()
+        ),
+        "{r:?}"
+    );
+    let show = std::process::Command::new(env!("CARGO_BIN_EXE_runbook"))
+        .args(["show", id, "--format", "json"])
+        .env("RUNBOOK_STATE_DIR", dir.join("state"))
+        .output()
+        .unwrap();
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let step = |key: &str| {
+        show["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["key"] == key)
+            .unwrap_or_else(|| panic!("no step {key}"))
+            .clone()
+    };
+    assert_eq!(step("forced-rollback/restore")["status"], "succeeded");
+    assert!(
+        step("forced-rollback/restore")["error"]
+            .as_str()
+            .unwrap()
+            .contains("`.documents >= 1000000000` does not hold"),
+        "{show}"
+    );
+    assert_eq!(step("forced-rollback/restore/undo")["status"], "succeeded");
+    assert_eq!(step("detect")["status"], "succeeded");
     assert!(
         !dir.join("run/atocore.pid").exists(),
         "the service was not stopped"
+    );
+}
+
+/// Kills the stand-in a failed test may leave running (read from its pidfile).
+struct StopService(std::path::PathBuf);
+
+impl Drop for StopService {
+    fn drop(&mut self) {
+        for pidfile in ["run/atocore.pid", "drill/service.pid"] {
+            let text = std::fs::read_to_string(self.0.join(pidfile)).unwrap_or_default();
+            if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+                // SAFETY: a signal to the test's own service.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
+
+fn drill(sb: &Sandbox, dir: &std::path::Path, extra: &[&str]) -> crate::support::Run {
+    let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
+    let mut args = vec![
+        "--path",
+        runbooks,
+        "drill",
+        "--keep",
+        "--dir",
+        dir.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    sb.run(&args)
+}
+
+/// Damage that verify does not notice (a WAL with one more document) fails the
+/// `detect` stage: exit 1, the stage named, the stages after it not run, the service
+/// stopped by the cycle's rollback.
+#[test]
+fn a_drill_whose_damage_goes_unnoticed_fails_at_detect() {
+    let sb = Sandbox::new();
+    let dir = sb.p("d");
+    let _guard = StopService(dir.clone());
+    let r = drill(&sb, &dir, &["--set", "damage_kind=stale-wal"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let detect = r
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("[ 8/15] detect "))
+        .unwrap();
+    assert!(
+        detect.starts_with("[ 8/15] detect                 FAIL ")
+            && detect.ends_with("verify notices the damage — expected to fail with `of `atocore/verify` failed`, but it succeeded"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("[ 9/15] restore                -       0.00s  stop, safety copy, restore DB/registry/vector store, start, verify — not run: the cycle stopped before it\n"),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains("drill FAILED: 15 stages, 1 failed, 7 not run, ")
+            && r.stdout
+                .contains("first failed stage: detect (expected to fail with"),
+        "{r:?}"
+    );
+    assert!(
+        !dir.join("run/atocore.pid").exists(),
+        "the service was left running"
+    );
+}
+
+/// A forced restore that does not fail (its verification is satisfiable) fails the
+/// `forced-rollback` stage, in the JSON and JUnit reports alike.
+#[test]
+fn a_drill_whose_forced_restore_does_not_roll_back_fails_naming_the_stage() {
+    let sb = Sandbox::new();
+    let dir = sb.p("d");
+    let _guard = StopService(dir.clone());
+    let r = drill(
+        &sb,
+        &dir,
+        &["--set", "impossible_min_documents=1", "--format", "json"],
+    );
+    assert_eq!(r.code, 1, "{r:?}");
+    let report: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!(report["ok"], false);
+    let stages = report["stages"].as_array().unwrap();
+    let failed: Vec<(&str, &str)> = stages
+        .iter()
+        .filter(|s| s["status"] == "failed")
+        .map(|s| (s["name"].as_str().unwrap(), s["detail"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        failed,
+        [(
+            "forced-rollback",
+            "step `forced-rollback/restore` of `atocore/restore-must-roll-back` failed: expected to fail with ``.documents >= 1` does not hold`, but it succeeded"
+        )]
+    );
+    assert_eq!(stages[8]["name"], "restore");
+    assert_eq!(stages[8]["status"], "ok");
+    assert!(report["rto_seconds"].is_null(), "a failed cycle has no RTO");
+    assert!(
+        !dir.join("run/atocore.pid").exists(),
+        "the service was left running"
+    );
+}
+
+/// A drill killed in the middle of its forced restore (right before the database is
+/// copied back) is finished by `runbook resume`: the restore fails as expected, rolls
+/// back, the live data is byte-identical, and every later stage runs.
+#[test]
+fn a_drill_killed_mid_cycle_is_finished_by_resume() {
+    let sb = Sandbox::new();
+    let dir = sb.p("d");
+    let _guard = StopService(dir.clone());
+    let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
+    let out = sb
+        .cmd(&[
+            "--path",
+            runbooks,
+            "drill",
+            "--keep",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .env("RUNBOOK_FAILPOINT", "before:forced-rollback/restore/db")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), None, "not killed: {out:?}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("[10/15] verify "), "{stdout}");
+    assert!(!stdout.contains("forced-rollback "), "{stdout}");
+    let state = dir.join("state");
+    let runbook = |args: &[&str]| -> crate::support::Run {
+        std::process::Command::new(env!("CARGO_BIN_EXE_runbook"))
+            .args(args)
+            .env("RUNBOOK_STATE_DIR", &state)
+            .current_dir("/")
+            .output()
+            .unwrap()
+            .into()
+    };
+    let runs: serde_json::Value =
+        serde_json::from_str(&runbook(&["runs", "--format", "json"]).stdout).unwrap();
+    assert_eq!(runs[0]["status"], "interrupted", "{runs}");
+    let id = runs[0]["id"].as_str().unwrap().to_string();
+    // Called runbooks are found on the search path of the resuming command.
+    let r = runbook(&["--path", runbooks, "resume", &id, "--yes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    for line in [
+        "  done     detect (finished in an earlier attempt)\n",
+        "  ok       forced-rollback/restore/db ",
+        "  ok       forced-rollback/after ",
+        "  ok       retention-plan ",
+        "  ok       stop ",
+    ] {
+        assert!(r.stdout.contains(line), "no `{line}`: {r:?}");
+    }
+    assert!(
+        r.stdout.contains("  ok       forced-rollback/restore (")
+            && r.stdout.contains("failed as expected: "),
+        "{r:?}"
+    );
+    let runs: serde_json::Value =
+        serde_json::from_str(&runbook(&["runs", "--format", "json"]).stdout).unwrap();
+    assert_eq!(runs[0]["status"], "succeeded", "{runs}");
+    assert!(
+        !dir.join("run/atocore.pid").exists(),
+        "the service was left running"
     );
 }
