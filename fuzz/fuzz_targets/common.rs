@@ -16,7 +16,10 @@ pub fn scratch() -> &'static Scratch {
     SCRATCH.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
         let search = dir.path().join("runbooks");
-        copy_tree(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks"), &search);
+        copy_tree(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../runbooks"),
+            &search,
+        );
         std::fs::create_dir_all(search.join("fuzz")).expect("mkdir fuzz");
         Scratch { _dir: dir, search }
     })

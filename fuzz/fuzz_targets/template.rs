@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let mut parts = text.split('\0');
     let template = parts.next().unwrap_or_default();
-    let when = parts.next().filter(|w| !w.trim().is_empty()).unwrap_or("true");
+    let when = parts
+        .next()
+        .filter(|w| !w.trim().is_empty())
+        .unwrap_or("true");
     let values: Vec<&str> = parts.collect();
     let doc = json!({
         "version": 1,
@@ -60,7 +63,8 @@ fuzz_target!(|data: &[u8]| {
             return;
         }
     }
-    let Ok(mut frame) = Frame::new(rb.clone(), &inputs, None, &templates, Default::default()) else {
+    let Ok(mut frame) = Frame::new(rb.clone(), &inputs, None, &templates, Default::default())
+    else {
         return;
     };
     for step in &rb.steps {
