@@ -273,6 +273,8 @@ impl<'a> Loader<'a> {
     }
 
     fn check(&mut self, name: &str, src: Arc<SourceFile>) -> Result<Runbook, LoadError> {
+        src.check_nesting()
+            .map_err(|pos| LoadError::Invalid(vec![Diagnostic::at(&src, pos, too_deep())]))?;
         let raw: RawRunbook = serde_yaml::from_str(&src.text)
             .map_err(|e| LoadError::Invalid(vec![serde_diagnostic(&src, &e)]))?;
         let mut c = Checker {
@@ -905,6 +907,14 @@ fn is_identifier(name: &str) -> bool {
         .next()
         .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
         && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// What a file nested deeper than [`crate::source::MAX_NESTING`] is told.
+pub fn too_deep() -> String {
+    format!(
+        "nested deeper than {} levels, the most a runbook or vars file may nest",
+        crate::source::MAX_NESTING
+    )
 }
 
 /// serde's "unknown field `x`, expected one of `a`, `b`" (or "expected `a` or `b`",

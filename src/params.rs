@@ -53,6 +53,13 @@ impl ParamInputs {
             ParamError::Invalid(format!("cannot read vars file {}: {e}", path.display()))
         })?;
         let src = SourceFile::new(path, text);
+        src.check_nesting().map_err(|pos| {
+            ParamError::File(vec![Diagnostic::at(
+                &src,
+                pos,
+                format!("vars file: {}", crate::load::too_deep()),
+            )])
+        })?;
         let map: IndexMap<String, serde_yaml::Value> =
             serde_yaml::from_str(&src.text).map_err(|e| {
                 let pos = e

@@ -12,6 +12,12 @@ use std::path::{Path, PathBuf};
 use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
 use yaml_rust2::scanner::Marker;
 
+/// The deepest a runbook or vars file may nest (the top mapping is level 1). serde_yaml
+/// refuses deeper documents anyway (its recursion limit), but only after libyaml has
+/// scanned the whole text, in time quadratic in the depth of flow nesting: 64 KB of
+/// `[` took seconds. Such a file is refused before serde_yaml reads it.
+pub const MAX_NESTING: usize = 128;
+
 /// A 1-based line and column in a source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Pos {
@@ -32,14 +38,25 @@ pub struct SourceFile {
     /// The text of every `<list>[i].id` scalar, so an error found by serde can name
     /// its step without parsing the file again.
     ids: HashMap<String, String>,
+    /// Where the nesting first goes deeper than [`MAX_NESTING`].
+    too_deep: Option<Pos>,
 }
 
 impl SourceFile {
     pub fn new(path: &Path, text: String) -> Self {
         let mut index = Indexer::default();
         // Syntax errors are reported by serde_yaml with a location; here a failed parse
-        // only leaves the index partial.
-        let _ = Parser::new_from_str(&text).load(&mut index, false);
+        // only leaves the index partial, except when yaml-rust2 gives up on the nesting
+        // (past 255 flow levels, before it reports any of their nodes).
+        if let Err(e) = Parser::new_from_str(&text).load(&mut index, false)
+            && e.info() == "recursion limit exceeded"
+            && index.too_deep.is_none()
+        {
+            index.too_deep = Some(Pos {
+                line: e.marker().line(),
+                col: e.marker().col() + 1,
+            });
+        }
         let line_starts = std::iter::once(0)
             .chain(text.match_indices('\n').map(|(i, _)| i + 1))
             .collect();
@@ -50,7 +67,15 @@ impl SourceFile {
             keys: index.keys,
             line_starts,
             ids: index.ids,
+            too_deep: index.too_deep,
         }
+    }
+
+    /// Refuses a file nested deeper than [`MAX_NESTING`], at the first node too deep
+    /// (or, past 255 flow levels, where yaml-rust2 gave up). Call it before handing the
+    /// text to serde_yaml.
+    pub fn check_nesting(&self) -> Result<(), Pos> {
+        self.too_deep.map_or(Ok(()), Err)
     }
 
     /// Position of the value at `path`, falling back to the nearest indexed ancestor.
@@ -127,6 +152,7 @@ struct Indexer {
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
     ids: HashMap<String, String>,
+    too_deep: Option<Pos>,
 }
 
 impl Indexer {
@@ -181,6 +207,9 @@ impl MarkedEventReceiver for Indexer {
                 } else {
                     Frame::Seq { path: p, next: 0 }
                 });
+                if self.stack.len() > MAX_NESTING && self.too_deep.is_none() {
+                    self.too_deep = Some(pos);
+                }
             }
             Event::MappingEnd | Event::SequenceEnd => {
                 self.stack.pop();

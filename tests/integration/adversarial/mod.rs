@@ -3,6 +3,7 @@
 //! "resume always finishes", limits and exit codes) as a hostile operator would,
 //! through the built binary against real files, processes and SQLite.
 
+mod fuzz_found;
 mod limits;
 mod paths;
 mod plan_truth;
