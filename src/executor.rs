@@ -136,6 +136,7 @@ impl Executor<'_> {
         args: Json,
     ) -> Result<Instant, ExecError> {
         let started = Instant::now();
+        crate::lock::set_current_step(Some(key));
         self.emit(Event::StepStarted {
             key: key.to_string(),
             section,

@@ -274,6 +274,9 @@ pub fn step_deadline(
 /// started in the background never outlives the step, so a retry cannot overlap it.
 /// The group is ended before the program is reaped, so its id cannot be reused by
 /// then. (`daemon-start` is the action for programs meant to outlive a step.)
+///
+/// The program inherits the run locks ([`crate::lock::run_lock_fds`]): should the
+/// engine itself be killed, the locks stay held until the group's last process ends.
 pub fn run_argv(
     argv: &[String],
     env: &BTreeMap<String, String>,
@@ -295,11 +298,27 @@ pub fn run_argv(
     if let Some(cwd) = cwd {
         cmd.current_dir(cwd);
     }
+    let lock_fds = crate::lock::run_lock_fds();
+    if !lock_fds.is_empty() {
+        // SAFETY: between fork and exec only fcntl runs (async-signal-safe), on
+        // descriptors the parent holds open; no allocation happens here.
+        unsafe {
+            cmd.pre_exec(move || {
+                for fd in &lock_fds {
+                    if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
     let started = Instant::now();
     let mut child = cmd
         .spawn()
         .map_err(ActionError::io(format!("start {}", display_argv(argv))))?;
     let pid = child.id() as i32;
+    crate::lock::note_step_group(Some(pid));
     let stdout = drain(child.stdout.take());
     let stderr = drain(child.stderr.take());
     let mut timed_out = None;
@@ -315,6 +334,7 @@ pub fn run_argv(
     }
     end_group(pid);
     let status = child.wait().map_err(ActionError::io("wait"))?;
+    crate::lock::note_step_group(None);
     if let Some(after) = timed_out {
         return Err(ActionError::TimedOut(after));
     }

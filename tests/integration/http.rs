@@ -19,12 +19,6 @@ fn show_json(sb: &Sandbox, id: &str) -> serde_json::Value {
     serde_json::from_str(&show.stdout).unwrap()
 }
 
-fn last_run_id(sb: &Sandbox) -> String {
-    let r = sb.run(&["runs", "--format", "json"]);
-    let runs: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    runs[0]["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn get_checks_status_and_jq_and_its_named_outputs_feed_a_later_step() {
     let server = HttpServer::start(&[
@@ -57,7 +51,7 @@ steps:
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(sb.read("seen.txt"), "2 p05-interferometer 200");
     assert_eq!(server.request_lines(), ["GET /projects"]);
-    let step = &show_json(&sb, &last_run_id(&sb))["steps"][0];
+    let step = &show_json(&sb, &sb.last_run_id())["steps"][0];
     assert_eq!(step["outputs"]["status"], 200);
     assert_eq!(step["outputs"]["count"], 2);
     assert_eq!(step["outputs"]["body"]["projects"][1]["id"], "p06-polisher");
@@ -157,7 +151,7 @@ steps:
     );
     assert_eq!(got[0]["headers"]["content-type"], "application/json");
     assert_eq!(got[0]["body"], r#"{"include_chroma":false}"#);
-    let id = last_run_id(&sb);
+    let id = sb.last_run_id();
     let show = sb.run(&["show", &id, "--format", "json"]);
     let record: serde_json::Value = serde_json::from_str(&show.stdout).unwrap();
     assert_eq!(record["steps"][0]["outputs"]["auth"], "Bearer ********");
@@ -206,7 +200,7 @@ steps:
     let r = sb.run(&["run", "svc"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(server.request_lines().len(), 4, "3 refusals, then healthy");
-    let step = &show_json(&sb, &last_run_id(&sb))["steps"][0];
+    let step = &show_json(&sb, &sb.last_run_id())["steps"][0];
     assert_eq!(step["outputs"]["status"], 200);
     assert!(step["outputs"]["duration"].as_f64().unwrap() >= 0.3);
 

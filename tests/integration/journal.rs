@@ -97,6 +97,7 @@ fn sigkill_mid_run_then_resume_finishes_without_rerunning_finished_steps() {
     );
 
     sb.write("go", ""); // lets the orphaned `sh` of the killed run finish too
+    sb.wait_lock_free("counted"); // the killed step's leftovers hold the run lock
     let r = sb.run(&["resume", &id]);
     assert_eq!(r.code, 0, "{r:?}");
     let out: Vec<&str> = r.stdout.lines().collect();
@@ -127,6 +128,7 @@ fn an_interrupted_step_that_is_not_idempotent_waits_for_the_operator() {
     let sb = counted(false);
     let id = kill_during_wait(&sb);
     sb.write("go", "");
+    sb.wait_lock_free("counted"); // the killed step's leftovers hold the run lock
     let r = sb.run(&["resume", &id]);
     assert_eq!(r.code, 3, "{r:?}");
     let last = r.stdout.lines().last().unwrap();
@@ -170,6 +172,7 @@ fn a_second_run_is_refused_while_the_lock_is_held_and_a_dead_holder_holds_nothin
     child.kill().unwrap();
     child.wait().unwrap();
     sb.write("go", "");
+    sb.wait_lock_free("counted"); // the killed step's leftovers hold the run lock
     // The killed holder's lock is gone with it.
     let third = sb.run(&["run", "counted"]);
     assert_eq!(third.code, 0, "{third:?}");
@@ -312,6 +315,7 @@ fn resume_refuses_a_changed_runbook_unless_told_to_accept_it() {
     let sb = counted(true);
     let id = kill_during_wait(&sb);
     sb.write("go", "");
+    sb.wait_lock_free("counted"); // the killed step's leftovers hold the run lock
     let text = sb
         .read("runbooks/counted.yaml")
         .replace("echo three", "echo THREE");
@@ -380,6 +384,8 @@ fn sigkill_at_any_point_loses_nothing() {
         }
         child.kill().unwrap();
         child.wait().unwrap();
+        // The step that was running still holds the run lock until it ends.
+        sb.wait_lock_free("many");
         let new_run = runs_json(&sb)
             .into_iter()
             .find(|r| !seen.contains(r["id"].as_str().unwrap()));
@@ -565,6 +571,7 @@ steps:
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     sb.write("go", "");
+    sb.wait_lock_free("parent"); // the killed step's leftovers hold the run lock
 
     // The child's secret came from the vars file: resume asks for it again (its
     // default is not what the run used).

@@ -30,12 +30,6 @@ fn show_json(sb: &Sandbox, id: &str) -> serde_json::Value {
     serde_json::from_str(&show.stdout).unwrap()
 }
 
-fn last_run_id(sb: &Sandbox) -> String {
-    let r = sb.run(&["runs", "--format", "json"]);
-    let runs: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
-    runs[0]["id"].as_str().unwrap().to_string()
-}
-
 #[test]
 fn a_valid_file_passes_its_expectations_in_the_plan_and_the_run() {
     let sb = Sandbox::new();
@@ -55,7 +49,7 @@ steps:
     );
     let r = sb.run(&["run", "check"]);
     assert_eq!(r.code, 0, "{r:?}");
-    let id = last_run_id(&sb);
+    let id = sb.last_run_id();
     let step = &show_json(&sb, &id)["steps"][0];
     assert_eq!(step["status"], "succeeded");
     assert_eq!(

@@ -221,12 +221,51 @@ fn spawn_run(sb: &Sandbox, name: &str) -> (Child, String) {
     (child, words.next().unwrap().to_string())
 }
 
-/// SIGKILL to the engine and everything it started.
+/// SIGKILL to the engine and everything it started, as a power cut would: its own
+/// group, and the process groups its steps run in (found by parentage, each stopped
+/// first so that none starts another unseen).
 fn kill_group(child: &mut Child) {
+    let engine = child.id() as i32;
     // SAFETY: plain kill(2) on the group the child leads.
-    let rc = unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let rc = unsafe { libc::kill(-engine, libc::SIGSTOP) };
     assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
+    let mut tree = vec![engine];
+    loop {
+        let more: Vec<i32> = children_of(&tree)
+            .into_iter()
+            .filter(|p| !tree.contains(p))
+            .collect();
+        if more.is_empty() {
+            break;
+        }
+        for p in &more {
+            // SAFETY: as above, on a descendant of the engine.
+            unsafe { libc::kill(*p, libc::SIGSTOP) };
+        }
+        tree.extend(more);
+    }
+    for p in &tree {
+        // SAFETY: as above.
+        unsafe { libc::kill(*p, libc::SIGKILL) };
+    }
+    // SAFETY: as above.
+    unsafe { libc::kill(-engine, libc::SIGKILL) };
     child.wait().unwrap();
+}
+
+/// The processes whose parent is one of `parents` (from /proc).
+fn children_of(parents: &[i32]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.rfind(')')
+                    .and_then(|i| stat[i + 2..].split_whitespace().nth(1)?.parse::<i32>().ok())
+                    .is_some_and(|ppid| parents.contains(&ppid))
+            })
+        })
+        .collect()
 }
 
 fn wait_until(what: &str, limit: Duration, mut cond: impl FnMut() -> bool) {

@@ -89,6 +89,29 @@ impl Sandbox {
         self.cmd(args).output().expect("run runbook").into()
     }
 
+    /// The id of the newest run in this sandbox's journal.
+    pub fn last_run_id(&self) -> String {
+        let r = self.run(&["runs", "--format", "json"]);
+        let runs: serde_json::Value = serde_json::from_str(&r.stdout).expect("runs json");
+        runs[0]["id"].as_str().expect("a run").to_string()
+    }
+
+    /// Waits until no process holds run lock `name` (util-linux `flock`), e.g. until
+    /// the leftovers of a killed engine's step have ended.
+    pub fn wait_lock_free(&self, name: &str) {
+        let lock = self.p(&format!("state/locks/{name}.lock"));
+        self.wait_for(&format!("lock `{name}` to be free"), || {
+            !lock.exists()
+                || Command::new("flock")
+                    .args(["--nonblock", "--shared"])
+                    .arg(&lock)
+                    .arg("true")
+                    .status()
+                    .expect("run flock")
+                    .success()
+        });
+    }
+
     pub fn spawn(&self, args: &[&str]) -> Child {
         self.cmd(args)
             .stdout(Stdio::piped())

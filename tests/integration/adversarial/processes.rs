@@ -105,3 +105,75 @@ steps:
     assert_eq!(ids.len(), 1);
     assert_eq!(members(ids[0]), Vec::<i32>::new());
 }
+
+#[test]
+fn a_step_left_running_by_a_killed_engine_keeps_the_run_lock_until_it_ends() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/long.yaml",
+        r#"version: 1
+lock: drill-lock
+steps:
+  - id: long-step
+    action: exec
+    with:
+      argv: [sh, -c, '[ -e "$0/release" ] || { echo $$ > "$0/pgid"; sleep 300 & wait; }', "{root}"]
+  - id: after
+    action: write-file
+    with: {path: "{root}/after", content: done}
+roots: ["{root}"]
+"#,
+    );
+    let groups = Groups(vec![sb.p("pgid")]);
+    let mut engine = sb.spawn(&["run", "long"]);
+    sb.wait_for("the step's group id", || {
+        sb.p("pgid").exists() && !groups.ids().is_empty()
+    });
+    engine.kill().unwrap();
+    engine.wait().unwrap();
+    let pgid = groups.ids()[0];
+    assert!(
+        !members(pgid).is_empty(),
+        "the step's processes outlive the engine"
+    );
+
+    // The run lock is still held, by the step's processes: resume is refused, and the
+    // refusal names the step, its group and what to do.
+    let id = sb.last_run_id();
+    let refused = sb.run(&["resume", &id]);
+    assert_eq!(refused.code, 3, "{refused:?}");
+    let line = refused
+        .stderr
+        .lines()
+        .find(|l| l.contains("drill-lock"))
+        .unwrap_or("");
+    assert!(
+        line.contains(&format!("lock `drill-lock` is held by process group {pgid}, started by step `long-step` of run "))
+            && line.contains(&format!(", whose engine (pid {}) is gone; the step's processes still run; wait for them to end, or end them with `kill -TERM -- -{pgid}`, then try again", engine.id())),
+        "{refused:?}"
+    );
+    // So is a new run of the same runbook.
+    let second = sb.run(&["run", "long"]);
+    assert_eq!(second.code, 3, "{second:?}");
+    assert!(
+        second.stderr.contains(&format!("process group {pgid}")),
+        "{second:?}"
+    );
+    assert!(!sb.p("after").exists());
+
+    // Once the leftovers end, the lock is free; the interrupted `exec` needs checking
+    // (it is not idempotent), and the operator's retry finishes the run.
+    // SAFETY: signals the group this test's runbook made.
+    unsafe { libc::kill(-pgid, libc::SIGTERM) };
+    sb.wait_for("the group to end", || members(pgid).is_empty());
+    let checking = sb.run(&["resume", &id]);
+    assert_eq!(checking.code, 3, "{checking:?}");
+    assert!(
+        checking.stdout.contains("step `long-step` needs checking"),
+        "{checking:?}"
+    );
+    sb.write("release", "");
+    let resumed = sb.run(&["resume", &id, "--retry-step", "long-step"]);
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    assert_eq!(sb.read("after"), "done");
+}
