@@ -163,6 +163,22 @@ pub fn run() -> i32 {
             };
         }
     };
+    if matches!(
+        cli.command,
+        Command::List
+            | Command::Validate { .. }
+            | Command::Plan { .. }
+            | Command::Runs
+            | Command::Show { .. }
+            | Command::Schema
+    ) {
+        // Commands that only print end quietly when their reader goes away
+        // (`runbook plan --format json | head`), as `cat` does, instead of panicking on
+        // EPIPE. A run keeps ignoring SIGPIPE: a closed stdout must not kill it
+        // mid-step (its reporter drops what it cannot write).
+        // SAFETY: sets a signal disposition before any thread is started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(cli.verbose);
     crate::app::dispatch(&cli).code()
 }

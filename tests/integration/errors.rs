@@ -300,3 +300,20 @@ fn bad_params_are_invalid_input_with_what_to_do() {
         "error: no runbook named `nope` (looked in runbooks); `runbook list` shows the runbooks there\n"
     );
 }
+
+#[test]
+fn a_printing_command_whose_reader_goes_away_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let sb = Sandbox::new();
+    // `runbook schema | true`: the reader is gone before the schema is written.
+    let mut child = sb
+        .cmd(&["schema"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "", "no panic message");
+}
