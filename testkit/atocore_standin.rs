@@ -176,7 +176,7 @@ extern "C" fn on_stop_signal(signal: libc::c_int) {
 }
 
 /// Installs the handler for SIGTERM and SIGINT; returns the pipe's read end.
-fn install_stop_handler() -> Result<File, String> {
+pub(crate) fn install_stop_handler() -> Result<File, String> {
     let mut fds = [0 as libc::c_int; 2];
     // SAFETY: fds has room for the two descriptors pipe2 writes.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {

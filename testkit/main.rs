@@ -14,6 +14,7 @@ mod atocore_sandbox;
 mod atocore_standin;
 mod http;
 mod http_serve;
+mod offsite_host;
 mod sqlite_writer;
 
 fn main() -> ExitCode {
@@ -31,6 +32,7 @@ fn main() -> ExitCode {
         "atocore-sandbox" => atocore_sandbox::main(rest),
         "atocore-standin" => atocore_standin::main(rest),
         "http-serve" => http_serve::main(rest),
+        "offsite-host" => offsite_host::main(rest),
         "sqlite-writer" => sqlite_writer::main(rest),
         "version" => {
             println!("runbook-testkit {}", env!("CARGO_PKG_VERSION"));
@@ -67,4 +69,5 @@ const PROGRAMS: &[&str] = &[
     "atocore-standin",
     "atocore-damage",
     "sqlite-writer",
+    "offsite-host",
 ];

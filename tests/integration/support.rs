@@ -399,3 +399,229 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+// ------------------------------------------------------------ the off-site host
+
+/// A real off-site host: `runbook-testkit offsite-host` (Debian's sshd in a network
+/// namespace of its own, behind a veth pair), with its key, known_hosts and repository
+/// dir. Dropping it tears it down (the testkit process, then `offsite-host down` as a
+/// backstop for what a crash left).
+pub struct OffsiteHost {
+    child: Option<Child>,
+    /// Holds the keys, known_hosts, `repo/` and sshd's log; removed after teardown.
+    pub dir: tempfile::TempDir,
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub ssh_key: PathBuf,
+    pub known_hosts: PathBuf,
+    pub repo_dir: PathBuf,
+    pub netns: String,
+    pub veth: String,
+}
+
+impl OffsiteHost {
+    /// Starts one and waits until it accepts a real ssh login. Hosts started by tests
+    /// running at the same time get their own names and /30s.
+    pub fn start() -> OffsiteHost {
+        use std::io::{BufRead, BufReader};
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static COUNT: AtomicU32 = AtomicU32::new(0);
+        // "t" + pid + a counter, in base 36: at most 10 characters (interface names).
+        let name = loop {
+            let n = COUNT.fetch_add(1, Ordering::SeqCst);
+            let name = format!("t{}{}", base36(std::process::id()), base36(n));
+            // A namespace of that name left by a crashed run with the same pid.
+            if !Path::new("/run/netns").join(format!("rbk-{name}")).exists() {
+                break name;
+            }
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Its own messages go to a file beside sshd's log, not into the test output.
+        let log_path = dir.path().join("offsite-host.log");
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_runbook-testkit"))
+            .args([
+                "offsite-host",
+                "--until-stdin-closes",
+                "--name",
+                &name,
+                "--dir",
+            ])
+            .arg(dir.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("spawn runbook-testkit offsite-host");
+        let mut first = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let doc: serde_json::Value = match serde_json::from_str(&first) {
+            Ok(doc) => doc,
+            Err(_) => {
+                let status = child.wait().unwrap();
+                panic!(
+                    "runbook-testkit offsite-host did not start ({status}): {}\n\
+                     The off-site tests need root, iproute2 and Debian's openssh-server (they do not skip).",
+                    std::fs::read_to_string(&log_path)
+                        .unwrap_or_default()
+                        .trim()
+                );
+            }
+        };
+        let s = |k: &str| doc[k].as_str().unwrap().to_string();
+        let host = OffsiteHost {
+            child: Some(child),
+            host: s("host"),
+            port: u16::try_from(doc["port"].as_u64().unwrap()).unwrap(),
+            user: s("user"),
+            ssh_key: s("ssh_key").into(),
+            known_hosts: s("known_hosts").into(),
+            repo_dir: s("repo_dir").into(),
+            netns: s("netns"),
+            veth: s("veth"),
+            dir,
+        };
+        assert_eq!(
+            serde_json::from_str::<serde_json::Value>(
+                &std::fs::read_to_string(host.dir.path().join("host.json")).unwrap()
+            )
+            .unwrap(),
+            doc,
+            "host.json and the line on stdout differ"
+        );
+        host
+    }
+
+    /// The `offsite_*` vars of the AtoCore runbooks for this host, as YAML lines.
+    pub fn vars_yaml(&self) -> String {
+        format!(
+            "offsite_host: {}\noffsite_port: {}\noffsite_user: {}\noffsite_dir: {}\noffsite_ssh_key: {}\noffsite_known_hosts: {}\n",
+            self.host,
+            self.port,
+            self.user,
+            self.repo_dir.display(),
+            self.ssh_key.display(),
+            self.known_hosts.display()
+        )
+    }
+
+    /// `ssh` with the options the engine uses (key, known_hosts verified, BatchMode),
+    /// up to and including `--`; append the remote command.
+    pub fn ssh(&self, connect_timeout_s: u32) -> Command {
+        self.ssh_with(connect_timeout_s, &[])
+    }
+
+    /// [`Self::ssh`] with more `-o` options (`"ServerAliveInterval=1"`).
+    pub fn ssh_with(&self, connect_timeout_s: u32, options: &[&str]) -> Command {
+        let mut c = Command::new("ssh");
+        c.args(["-F", "/dev/null", "-i"])
+            .arg(&self.ssh_key)
+            .args(["-p", &self.port.to_string()]);
+        for opt in [
+            "BatchMode=yes".to_string(),
+            "IdentitiesOnly=yes".to_string(),
+            "StrictHostKeyChecking=yes".to_string(),
+            format!("UserKnownHostsFile={}", self.known_hosts.display()),
+            "GlobalKnownHostsFile=/dev/null".to_string(),
+            format!("ConnectTimeout={connect_timeout_s}"),
+        ] {
+            c.args(["-o", &opt]);
+        }
+        for opt in options {
+            c.args(["-o", opt]);
+        }
+        c.arg(format!("{}@{}", self.user, self.host))
+            .arg("--")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Cuts the link (this side of the veth down): new connections fail at once, open
+    /// ones get no answers. Nothing goes out another way meanwhile.
+    pub fn link_down(&self) {
+        ip_ok(&["link", "set", &self.veth, "down"]);
+    }
+
+    pub fn link_up(&self) {
+        ip_ok(&["link", "set", &self.veth, "up"]);
+    }
+
+    /// Bytes that crossed the link so far, both directions (the veth's counters).
+    pub fn bytes_crossed(&self) -> u64 {
+        self.bytes_to_host() + self.veth_counter("rx_bytes")
+    }
+
+    /// Bytes sent from this side to the host so far.
+    pub fn bytes_to_host(&self) -> u64 {
+        self.veth_counter("tx_bytes")
+    }
+
+    fn veth_counter(&self, name: &str) -> u64 {
+        let path = format!("/sys/class/net/{}/statistics/{name}", self.veth);
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("{path}: {e}"))
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// The testkit process (for tests of what happens when it dies).
+    pub fn process(&mut self) -> &mut Child {
+        self.child.as_mut().unwrap()
+    }
+}
+
+impl Drop for OffsiteHost {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Its stdin closing is its signal to tear down.
+            drop(child.stdin.take());
+            let deadline = Instant::now() + std::time::Duration::from_secs(15);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        // Removes whatever the process left (it was killed, or its teardown failed).
+        let _ = Command::new(env!("CARGO_BIN_EXE_runbook-testkit"))
+            .args(["offsite-host", "down", "--dir"])
+            .arg(self.dir.path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+fn base36(mut n: u32) -> String {
+    let digits = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(digits[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8(out).unwrap()
+}
+
+/// Runs `ip` (iproute2); its stdout. Panics with its stderr when it fails.
+pub fn ip_ok(args: &[&str]) -> String {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
