@@ -61,6 +61,9 @@ pub struct SnapshotListArgs {
     /// A JSON file inside each snapshot to read as its metadata.
     #[serde(default = "metadata_name")]
     pub metadata: String,
+    /// A missing `dir` lists no snapshots instead of failing (before the first backup).
+    #[serde(default)]
+    pub if_exists: bool,
 }
 
 fn metadata_name() -> String {
@@ -70,10 +73,15 @@ fn metadata_name() -> String {
 pub struct SnapshotList;
 
 fn snapshot_listing(args: &SnapshotListArgs) -> Result<Outputs, String> {
-    let mut names: Vec<String> = list(&args.dir)?
-        .into_iter()
-        .filter(|n| parse_stamp(n).is_some())
-        .collect();
+    let missing = args.if_exists && std::fs::symlink_metadata(&args.dir).is_err();
+    let mut names: Vec<String> = if missing {
+        Vec::new()
+    } else {
+        list(&args.dir)?
+    }
+    .into_iter()
+    .filter(|n| parse_stamp(n).is_some())
+    .collect();
     names.sort_by(|a, b| b.cmp(a));
     let backups: Vec<serde_json::Value> = names
         .iter()
@@ -122,6 +130,10 @@ impl Action for SnapshotList {
                 )),
                 Err(e) => Verdict::WouldFail(e),
             },
+            Node::Missing if args.if_exists => Verdict::NoChange(format!(
+                "`{}` does not exist: no snapshots yet (if_exists)",
+                args.dir.display()
+            )),
             _ => Verdict::WouldFail(format!("`{}` is not a directory", args.dir.display())),
         }
     }

@@ -1517,3 +1517,7 @@ fn the_drill_verifies_a_scratch_restore_and_leaves_nothing_behind() {
     assert_eq!(ato.service_pid(), Some(pid));
     ato.stop_service();
 }
+
+// A child module, so it uses the fixture above (`Ato`, `verdicts`) as it is.
+#[path = "incremental.rs"]
+mod incremental;

@@ -2,12 +2,13 @@
 
 use std::fs::{self};
 use std::os::unix::fs::PermissionsExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use super::owner::Owner;
+use super::share::{self, LinkFrom, Tally};
 use super::staging::{self, Partial, same_inode};
 use super::tree::{
-    CopyOptions, copy_file, copy_tree, same_copy, special_refusal, survey, tree_size,
+    CopyOptions, copy_file, copy_tree_sharing, same_copy, special_refusal, survey, tree_size,
 };
 use super::{fsync_parent, mode_of, not_inside_itself, parent_is_dir, room, show};
 use crate::actions::guard::{self, Below, Reach, Refusal};
@@ -54,6 +55,22 @@ pub struct CopyArgs {
     /// if the file exists"); the output `copied` says which happened.
     #[serde(default)]
     pub if_exists: bool,
+    /// An earlier copy of the same tree (rsync's `--link-dest`): each file it holds
+    /// unchanged at the same relative path (same size, mtime to the nanosecond, mode,
+    /// owner, xattrs) is hard-linked from it (reflinked where a hard link is refused),
+    /// the rest is copied. Missing, or `""`, means a full copy (the first snapshot).
+    /// Not with `owner` or `mode`: a shared file's metadata is the earlier copy's too.
+    #[serde(default)]
+    pub link_from: Option<PathBuf>,
+}
+
+impl CopyArgs {
+    /// `link_from`, unless it is unset or rendered empty (no earlier copy).
+    fn link_from(&self) -> Option<&Path> {
+        self.link_from
+            .as_deref()
+            .filter(|p| !p.as_os_str().is_empty())
+    }
 }
 
 pub struct Copy;
@@ -61,7 +78,19 @@ pub struct Copy;
 impl Action for Copy {
     type Args = CopyArgs;
     const NAME: &'static str = "copy";
-    const OUTPUTS: &'static [&'static str] = &["path", "files", "bytes", "changed", "copied"];
+    const OUTPUTS: &'static [&'static str] = &[
+        "path",
+        "files",
+        "bytes",
+        "changed",
+        "copied",
+        "linked",
+        "linked_bytes",
+        "reflinked",
+        "reflinked_bytes",
+        "copied_files",
+        "copied_bytes",
+    ];
     const SUMMARY: &'static str = "copy a file or tree atomically (temp sibling + fsync + rename), keeping modes, times, owners";
 
     fn effect(&self, _: &CopyArgs) -> Effect {
@@ -71,6 +100,12 @@ impl Action for Copy {
     fn check_static(&self, args: &CopyArgs) -> Result<(), (String, String)> {
         if let Some(o) = args.owner.as_deref().filter(|o| !o.contains("{{")) {
             Owner::parse(o).map_err(|e| ("owner".into(), e))?;
+        }
+        if args.link_from.is_some() && (args.owner.is_some() || args.mode.is_some()) {
+            return Err((
+                "link_from".into(),
+                "`link_from` does not go with `owner` or `mode`: a file shared with the earlier copy cannot be given other metadata without changing that copy too".into(),
+            ));
         }
         if args.keep_replaced.is_some() && args.overwrite == Overwrite::Never {
             return Err((
@@ -122,9 +157,41 @@ impl Action for Copy {
         if let Err(e) = parent_is_dir(&args.to, world) {
             return Verdict::WouldFail(e);
         }
+        // What sharing with `link_from` changes: the description, and the room needed.
+        let mut allocated = surveyed.as_ref().map(|s| s.allocated);
+        let note = match args.link_from() {
+            // Rendered empty: the runbook found no earlier copy (the first snapshot).
+            None if args.link_from.is_some() => {
+                ": in full (`link_from` is empty: no earlier copy to share with)".to_string()
+            }
+            None => String::new(),
+            Some(base) => match sharing_preview(args, base, world) {
+                Err(e) => return Verdict::WouldFail(e),
+                Ok(Sharing::Judged {
+                    files,
+                    bytes,
+                    copy_allocated,
+                    copy_files,
+                }) => {
+                    allocated = Some(copy_allocated);
+                    format!(
+                        ": {files} unchanged files ({bytes} bytes) shared with {}, {copy_files} files copied",
+                        show(base)
+                    )
+                }
+                Ok(Sharing::Missing) => format!(
+                    ": in full (`link_from` {} does not exist: no earlier copy to share with)",
+                    show(base)
+                ),
+                Ok(Sharing::Later) => format!(
+                    ": unchanged files shared with {} (judged when the run gets there)",
+                    show(base)
+                ),
+            },
+        };
         let verdict = if world.node(&args.to) == Node::Missing {
             Verdict::WillChange(format!(
-                "copy {what} {} to {}",
+                "copy {what} {} to {}{note}",
                 show(&args.from),
                 show(&args.to)
             ))
@@ -154,14 +221,14 @@ impl Action for Copy {
             Verdict::WouldFail(e)
         } else {
             Verdict::WillChange(format!(
-                "replace {} with a copy of {what} {}",
+                "replace {} with a copy of {what} {}{note}",
                 show(&args.to),
                 show(&args.from)
             ))
         };
         let writes = matches!(&verdict, Verdict::WillChange(_));
-        if let (true, Some(s)) = (writes, &surveyed)
-            && let Err(e) = room::reserve(world, &args.to, s.allocated, "the copy")
+        if let (true, Some(need)) = (writes, allocated)
+            && let Err(e) = room::reserve(world, &args.to, need, "the copy")
         {
             return Verdict::WouldFail(e);
         }
@@ -188,6 +255,9 @@ impl Action for Copy {
             .transpose()
             .map_err(ActionError::Failed)?;
         not_inside_itself(&args.from, &args.to, &World::real()).map_err(ActionError::Failed)?;
+        if let Some(base) = args.link_from() {
+            link_from_allowed(&args.from, base, meta.is_dir()).map_err(ActionError::Failed)?;
+        }
         let mut out = Outputs::new();
         out.insert("path".into(), json!(args.to));
         // An attempt killed while deleting the tree it replaced left its tombstone.
@@ -199,8 +269,19 @@ impl Action for Copy {
             } else {
                 (1, meta.len())
             };
-            out.insert("files".into(), json!(files));
-            out.insert("bytes".into(), json!(bytes));
+            // Finished by an interrupted attempt: what it shared is what still shares
+            // an inode with `link_from` (a reflink cannot be told from a copy).
+            let (linked, linked_bytes) = args
+                .link_from()
+                .map_or((0, 0), |base| hard_linked(&args.to, base));
+            let tally = Tally {
+                files,
+                bytes,
+                linked,
+                linked_bytes,
+                ..Tally::default()
+            };
+            insert_tally(&mut out, &tally);
             out.insert("changed".into(), json!(false));
             out.insert("copied".into(), json!(true));
             return Ok(out);
@@ -229,12 +310,13 @@ impl Action for Copy {
             progress: None,
             phase: Some("copy:copying"),
         };
-        let (files, bytes) = if meta.is_dir() {
+        let tally = if meta.is_dir() {
             if ctx.progress {
                 let (_, total) = tree_size(&args.from);
                 opts.progress = progress_bar(total, &args.to);
             }
-            let copied = copy_tree(&args.from, partial.path(), ctx, &opts)?;
+            let base = args.link_from().and_then(LinkFrom::open);
+            let copied = copy_tree_sharing(&args.from, partial.path(), ctx, &opts, base)?;
             if let Some(bar) = &opts.progress {
                 bar.finish_and_clear();
             }
@@ -242,9 +324,17 @@ impl Action for Copy {
         } else if meta.file_type().is_symlink() {
             let link = fs::read_link(&args.from).map_err(ActionError::io("readlink"))?;
             std::os::unix::fs::symlink(link, partial.path()).map_err(ActionError::io("symlink"))?;
-            (1, 0)
+            Tally {
+                files: 1,
+                ..Tally::default()
+            }
         } else {
-            (1, copy_file(&args.from, partial.path(), &meta, &opts)?)
+            let bytes = copy_file(&args.from, partial.path(), &meta, &opts)?;
+            Tally {
+                files: 1,
+                bytes,
+                ..Tally::default()
+            }
         };
         if let Some(mode) = &args.mode {
             let bits = mode.bits().map_err(ActionError::Failed)?;
@@ -289,12 +379,104 @@ impl Action for Copy {
             }
         }
         fsync_parent(&args.to)?;
-        out.insert("files".into(), json!(files));
-        out.insert("bytes".into(), json!(bytes));
+        insert_tally(&mut out, &tally);
         out.insert("changed".into(), json!(true));
         out.insert("copied".into(), json!(true));
         Ok(out)
     }
+}
+
+fn insert_tally(out: &mut Outputs, t: &Tally) {
+    let (copied_files, copied_bytes) = t.copied();
+    out.insert("files".into(), json!(t.files));
+    out.insert("bytes".into(), json!(t.bytes));
+    out.insert("linked".into(), json!(t.linked));
+    out.insert("linked_bytes".into(), json!(t.linked_bytes));
+    out.insert("reflinked".into(), json!(t.reflinked));
+    out.insert("reflinked_bytes".into(), json!(t.reflinked_bytes));
+    out.insert("copied_files".into(), json!(copied_files));
+    out.insert("copied_bytes".into(), json!(copied_bytes));
+}
+
+/// What the plan can say about sharing with `link_from`.
+enum Sharing {
+    Judged {
+        files: u64,
+        bytes: u64,
+        copy_files: u64,
+        copy_allocated: u64,
+    },
+    Missing,
+    Later,
+}
+
+fn sharing_preview(args: &CopyArgs, base: &Path, world: &World) -> Result<Sharing, String> {
+    if world.is_predicted(&args.from) || world.is_predicted(base) {
+        return Ok(Sharing::Later);
+    }
+    let is_dir = world.node(&args.from) == Node::Dir;
+    link_from_allowed(&args.from, base, is_dir)?;
+    match world.node_followed(base) {
+        Node::Missing => Ok(Sharing::Missing),
+        Node::Dir => {
+            let (files, bytes, copy_allocated) = share::preview(&args.from, base)
+                .ok_or_else(|| format!("cannot read `link_from` {}", show(base)))?;
+            let (all, _) = tree_size(&args.from);
+            Ok(Sharing::Judged {
+                files,
+                bytes,
+                copy_files: all.saturating_sub(files),
+                copy_allocated,
+            })
+        }
+        _ => Err(format!("`link_from` {} is not a directory", show(base))),
+    }
+}
+
+/// `link_from` shares files of a tree copy, and never the source's own files: a
+/// snapshot hard-linked to the live data would change whenever the data does.
+fn link_from_allowed(from: &Path, base: &Path, from_is_dir: bool) -> Result<(), String> {
+    if !from_is_dir {
+        return Err(format!(
+            "`link_from` shares the files of a tree copy; {} is not a directory",
+            show(from)
+        ));
+    }
+    let (f, b) = (super::resolved(from), super::resolved(base));
+    if b.starts_with(&f) || f.starts_with(&b) {
+        return Err(format!(
+            "`link_from` {} is {} the source {} (resolved: `{}`, `{}`): a copy shares files with an earlier copy, never with its source",
+            show(base),
+            if b == f {
+                "the same directory as"
+            } else if b.starts_with(&f) {
+                "inside"
+            } else {
+                "around"
+            },
+            show(from),
+            b.display(),
+            f.display()
+        ));
+    }
+    Ok(())
+}
+
+/// Files (and their bytes) below `to` that are the same inode as `base`'s file at the
+/// same relative path.
+fn hard_linked(to: &Path, base: &Path) -> (u64, u64) {
+    let mut out = (0, 0);
+    for entry in walkdir::WalkDir::new(to).into_iter().flatten() {
+        if !entry.file_type().is_file() {
+            continue;
+        }
+        let rel = entry.path().strip_prefix(to).unwrap_or(Path::new(""));
+        if same_inode(entry.path(), &base.join(rel)) {
+            out.0 += 1;
+            out.1 += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    out
 }
 
 /// Replacing `to` deletes it (a tree: everything below it) or moves it aside to

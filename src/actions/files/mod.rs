@@ -18,6 +18,7 @@ mod owner;
 mod path_check;
 mod remove;
 pub(crate) mod room;
+mod share;
 pub(crate) mod staging;
 mod tree;
 mod write_file;

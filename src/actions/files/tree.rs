@@ -8,6 +8,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use super::owner::Owner;
+use super::share::{LinkFrom, Tally};
 use crate::actions::{ActionCtx, ActionError};
 
 /// What a copy of `path` would read, found without reading any data.
@@ -328,8 +329,19 @@ pub(crate) fn copy_tree(
     ctx: &ActionCtx,
     opts: &CopyOptions,
 ) -> Result<(u64, u64), ActionError> {
-    let mut files = 0;
-    let mut bytes = 0;
+    copy_tree_sharing(src, dst, ctx, opts, None).map(|t| (t.files, t.bytes))
+}
+
+/// As [`copy_tree`], sharing the files that `link_from` (an earlier copy of the same
+/// tree) already holds unchanged instead of copying them (see `share`).
+pub(crate) fn copy_tree_sharing(
+    src: &Path,
+    dst: &Path,
+    ctx: &ActionCtx,
+    opts: &CopyOptions,
+    mut link_from: Option<LinkFrom>,
+) -> Result<Tally, ActionError> {
+    let mut tally = Tally::default();
     let mut dirs = Vec::new();
     // (device, inode) of a multiply-linked file -> its first copy.
     let mut linked: HashMap<(u64, u64), PathBuf> = HashMap::new();
@@ -351,6 +363,9 @@ pub(crate) fn copy_tree(
         if ft.is_dir() {
             fs::create_dir(&target)
                 .map_err(ActionError::io(format!("mkdir {}", target.display())))?;
+            if let Some(base) = &mut link_from {
+                base.enter_dir(rel);
+            }
             copy_xattrs(entry.path(), &target);
             dirs.push((target, meta));
         } else if ft.is_symlink() {
@@ -374,9 +389,24 @@ pub(crate) fn copy_tree(
                 }
                 linked.insert(key, target.clone());
             }
-            bytes += copy_file_data(entry.path(), &target, &meta, opts)?;
-            files += 1;
-            if files == 1
+            let shared = match &mut link_from {
+                Some(base) => match base.candidate(entry.path(), rel, &meta) {
+                    Some((old, old_meta)) => base.share(&old, &old_meta, &meta, &target)?,
+                    None => None,
+                },
+                None => None,
+            };
+            let len = match shared {
+                None => copy_file_data(entry.path(), &target, &meta, opts)?,
+                Some(_) => {
+                    if let Some(bar) = &opts.progress {
+                        bar.inc(meta.len());
+                    }
+                    meta.len()
+                }
+            };
+            tally.count(shared, len);
+            if tally.files == 1
                 && let Some(phase) = opts.phase
             {
                 super::staging::phase(phase);
@@ -396,7 +426,7 @@ pub(crate) fn copy_tree(
         }
     }
     syncfs(dst)?;
-    Ok((files, bytes))
+    Ok(tally)
 }
 
 /// Flushes the filesystem holding `path`.
