@@ -220,10 +220,11 @@ fn copy_file_data(
 fn copy_sparse(src: &Path, dst: &Path, meta: &fs::Metadata) -> std::io::Result<u64> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let input = File::open(src)?;
+    // Always a new file (its partial, or a name in a new tree): never an existing file
+    // opened for writing, which could be an inode a snapshot shares (`link_from`).
     let output = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(meta.permissions().mode() & 0o777)
         .open(dst)?;
     let len = input.metadata()?.len();
