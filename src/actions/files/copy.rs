@@ -145,7 +145,10 @@ impl Action for Copy {
             }
             Node::Dir if world.is_predicted(&args.from) => "tree".to_string(),
             Node::Dir => {
-                let (files, bytes) = tree_size(&args.from);
+                // The survey walked it already (the source is on disk here).
+                let (files, bytes) = surveyed
+                    .as_ref()
+                    .map_or_else(|| tree_size(&args.from), |s| (s.files, s.bytes));
                 format!("tree ({files} files, {bytes} bytes)")
             }
             Node::File { len: Some(len) } => format!("file ({len} bytes)"),
@@ -165,7 +168,7 @@ impl Action for Copy {
                 ": in full (`link_from` is empty: no earlier copy to share with)".to_string()
             }
             None => String::new(),
-            Some(base) => match sharing_preview(args, base, world) {
+            Some(base) => match sharing_preview(args, base, world, surveyed.as_ref()) {
                 Err(e) => return Verdict::WouldFail(e),
                 Ok(Sharing::Judged {
                     files,
@@ -410,7 +413,12 @@ enum Sharing {
     Later,
 }
 
-fn sharing_preview(args: &CopyArgs, base: &Path, world: &World) -> Result<Sharing, String> {
+fn sharing_preview(
+    args: &CopyArgs,
+    base: &Path,
+    world: &World,
+    surveyed: Option<&super::tree::Survey>,
+) -> Result<Sharing, String> {
     if world.is_predicted(&args.from) || world.is_predicted(base) {
         return Ok(Sharing::Later);
     }
@@ -421,7 +429,7 @@ fn sharing_preview(args: &CopyArgs, base: &Path, world: &World) -> Result<Sharin
         Node::Dir => {
             let (files, bytes, copy_allocated) = share::preview(&args.from, base)
                 .ok_or_else(|| format!("cannot read `link_from` {}", show(base)))?;
-            let (all, _) = tree_size(&args.from);
+            let all = surveyed.map_or_else(|| tree_size(&args.from).0, |s| s.files);
             Ok(Sharing::Judged {
                 files,
                 bytes,
