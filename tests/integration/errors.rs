@@ -50,7 +50,7 @@ help: did you mean `mkdir`?
     (
         "unknown-arg",
         "version: 1\nsteps:\n  - id: copy-db\n    action: copy\n    with: {from: out/a, too: out/b}\n",
-        "runbooks/unknown-arg.yaml:5:25: error: unknown argument `too`, expected one of `from`, `to`, `overwrite`, `mode`, `owner`, `keep_replaced`, `if_exists` (step `copy-db`, field `steps[0].with.too`)
+        "runbooks/unknown-arg.yaml:5:25: error: unknown argument `too`, expected one of `from`, `to`, `overwrite`, `mode`, `owner`, `keep_replaced`, `if_exists`, `link_from` (step `copy-db`, field `steps[0].with.too`)
  5 |     with: {from: out/a, too: out/b}
    |                         ^
 help: did you mean `to`?
