@@ -9,6 +9,7 @@ pub mod files;
 pub mod guard;
 pub mod http;
 pub mod json;
+pub mod offsite;
 pub mod process;
 pub mod services;
 pub mod snapshots;
@@ -439,6 +440,10 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &sqlite::SqliteBackup,
         &sqlite::Check,
         &sqlite::Query,
+        &offsite::OffsitePush,
+        &offsite::OffsiteList,
+        &offsite::OffsiteFetch,
+        &offsite::OffsiteRetention,
     ]
 }
 
