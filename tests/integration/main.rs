@@ -16,6 +16,7 @@ mod http;
 mod interrupted;
 mod journal;
 mod json;
+mod offsite;
 mod offsite_host;
 mod retention;
 mod schema;

@@ -49,6 +49,10 @@ fn schema_file_matches_the_code() {
             "sqlite-backup",
             "sqlite-check",
             "sqlite-query",
+            "offsite-push",
+            "offsite-list",
+            "offsite-fetch",
+            "offsite-retention",
             "assert",
             "confirm",
             "runbook"

@@ -407,13 +407,13 @@ pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     }
     // Every object the manifest names must be one the list vouches for.
     for e in &c.manifest.entries {
-        if let Some(id) = &e.object {
-            if !c.list.objects.contains_key(id) {
-                return Err(format!(
-                    "refusing snapshot {}: `{}` is in object {id}, which its list does not name",
-                    c.stamp, e.path
-                ));
-            }
+        if let Some(id) = &e.object
+            && !c.list.objects.contains_key(id)
+        {
+            return Err(format!(
+                "refusing snapshot {}: `{}` is in object {id}, which its list does not name",
+                c.stamp, e.path
+            ));
         }
     }
 

@@ -319,10 +319,10 @@ impl Inventory {
         }
         while let Some(l) = line(&mut rest) {
             if let Some(f) = l.strip_prefix("F ") {
-                if let Some((size, name)) = f.split_once(' ') {
-                    if let Ok(size) = size.parse() {
-                        inv.files.insert(name.to_string(), size);
-                    }
+                if let Some((size, name)) = f.split_once(' ')
+                    && let Ok(size) = size.parse()
+                {
+                    inv.files.insert(name.to_string(), size);
                 }
             } else if let Some(c) = l.strip_prefix("C ") {
                 let Some((len, name)) = c.split_once(' ') else {
@@ -431,21 +431,21 @@ pub fn remote_digests(
     let out = remote.run("computing digests", DIGESTS, &[&dir], &input, &[])?;
     for line in String::from_utf8_lossy(&out).lines() {
         if let Some(rest) = line.strip_prefix("S ") {
-            if let Some((size, name)) = rest.split_once(' ') {
-                if let Ok(bytes) = size.parse() {
-                    map.insert(
-                        name.to_string(),
-                        Remote256 {
-                            bytes,
-                            sha256: None,
-                        },
-                    );
-                }
+            if let Some((size, name)) = rest.split_once(' ')
+                && let Ok(bytes) = size.parse()
+            {
+                map.insert(
+                    name.to_string(),
+                    Remote256 {
+                        bytes,
+                        sha256: None,
+                    },
+                );
             }
-        } else if let Some((sha, name)) = line.split_once("  ") {
-            if let Some(r) = map.get_mut(name) {
-                r.sha256 = Some(sha.to_string());
-            }
+        } else if let Some((sha, name)) = line.split_once("  ")
+            && let Some(r) = map.get_mut(name)
+        {
+            r.sha256 = Some(sha.to_string());
         }
     }
     Ok(map)

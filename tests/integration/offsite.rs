@@ -1,0 +1,924 @@
+//! Off-site copies against a real sshd (`OffsiteHost`: Debian's sshd in a network
+//! namespace behind a veth): push, list, fetch onto a "new host", the incremental
+//! second push measured on the link, plaintext never on the remote, `age` CLI interop
+//! both ways, tampering, a cut link and a killed engine, then resume, and retention.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use serde_json::Value as Json;
+use sha2::{Digest, Sha256};
+
+use crate::support::{OffsiteHost, Run, Sandbox, tree_digest};
+
+const DB_TEXT: &str = "ATOCORE-DB-PLAINTEXT-7f3a9c";
+const REGISTRY_TEXT: &str = "ATOCORE-REGISTRY-PLAINTEXT-51be";
+const CHROMA_TEXT: &str = "CHROMA-VECTOR-PLAINTEXT-e02d";
+const FILE_NAMES: [&str; 4] = [
+    "atocore.db",
+    "projects.json",
+    "chroma.sqlite3",
+    "vectorstore",
+];
+
+/// An age identity made by Debian's age-keygen: (identity file, public key).
+fn age_keys(dir: &Path, name: &str) -> (PathBuf, String) {
+    let path = dir.join(name);
+    let out = Command::new("age-keygen")
+        .arg("-o")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .output()
+        .expect("age-keygen (Debian's age)");
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    let public = text
+        .split_whitespace()
+        .find(|w| w.starts_with("age1"))
+        .unwrap_or_else(|| panic!("no public key in {text}"))
+        .to_string();
+    (path, public)
+}
+
+/// A snapshot like AtoCore's: a database, a registry, a vector store of many files, a
+/// symlink, modes that differ.
+fn make_snapshot(root: &Path, chroma_files: usize, chroma_bytes: usize) {
+    let w = |rel: &str, data: &[u8], mode: u32| {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, data).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+    };
+    w(
+        "db/atocore.db",
+        format!("SQLite format 3\0 {DB_TEXT} rows").as_bytes(),
+        0o640,
+    );
+    w(
+        "registry/projects.json",
+        format!("{{\"projects\": [\"{REGISTRY_TEXT}\"]}}\n").as_bytes(),
+        0o644,
+    );
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in 0..chroma_files {
+        let mut data = format!("{CHROMA_TEXT} {i}\n").into_bytes();
+        while data.len() < chroma_bytes {
+            // xorshift: incompressible, so byte counts mean what they say.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            data.extend_from_slice(&seed.to_le_bytes());
+        }
+        data.truncate(chroma_bytes.max(40));
+        w(
+            &format!("chroma/vectorstore/seg-{:03}/data_level0.bin", i % 7),
+            b"",
+            0o600,
+        );
+        w(
+            &format!("chroma/vectorstore/seg-{:03}/part-{i:04}.bin", i % 7),
+            &data,
+            0o600,
+        );
+    }
+    w("chroma/chroma.sqlite3", b"chroma index", 0o644);
+    std::os::unix::fs::symlink("db/atocore.db", root.join("current.db")).unwrap();
+    std::fs::set_permissions(root.join("chroma"), std::fs::Permissions::from_mode(0o750)).unwrap();
+}
+
+/// What a restore must reproduce: every entry's kind, mode, size, content digest,
+/// link target and (files) mtime.
+fn tree(root: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for e in walkdir::WalkDir::new(root)
+        .follow_links(false)
+        .sort_by_file_name()
+    {
+        let e = e.unwrap();
+        let rel = e.path().strip_prefix(root).unwrap().display().to_string();
+        let m = e.path().symlink_metadata().unwrap();
+        let what = if m.file_type().is_symlink() {
+            format!("link {}", std::fs::read_link(e.path()).unwrap().display())
+        } else if m.is_dir() {
+            format!("dir {:o}", m.mode() & 0o7777)
+        } else {
+            let data = std::fs::read(e.path()).unwrap();
+            format!(
+                "file {:o} {} {} mtime {}.{}",
+                m.mode() & 0o7777,
+                data.len(),
+                hex(&data),
+                m.mtime(),
+                m.mtime_nsec()
+            )
+        };
+        out.insert(rel, what);
+    }
+    out
+}
+
+fn repo_yaml(h: &OffsiteHost) -> String {
+    format!(
+        "{{host: \"{}\", port: {}, user: {}, dir: \"{}\", ssh_key: \"{}\", known_hosts: \"{}\"}}",
+        h.host,
+        h.port,
+        h.user,
+        h.repo_dir.display(),
+        h.ssh_key.display(),
+        h.known_hosts.display()
+    )
+}
+
+fn push_runbook(
+    sb: &Sandbox,
+    h: &OffsiteHost,
+    name: &str,
+    source: &Path,
+    stamp: &str,
+    recipient: &str,
+) {
+    sb.write(
+        &format!("runbooks/{name}.yaml"),
+        &format!(
+            "version: 1\nsteps:\n  - id: push\n    action: offsite-push\n    with:\n      repo: {}\n      source: \"{}\"\n      stamp: \"{stamp}\"\n      recipients: [\"{recipient}\"]\n",
+            repo_yaml(h),
+            source.display()
+        ),
+    );
+}
+
+fn fetch_runbook(
+    sb: &Sandbox,
+    h: &OffsiteHost,
+    name: &str,
+    stamp: &str,
+    identity: &Path,
+    dest: &Path,
+) {
+    sb.write(
+        &format!("runbooks/{name}.yaml"),
+        &format!(
+            "version: 1\nsteps:\n  - id: fetch\n    action: offsite-fetch\n    with:\n      repo: {}\n      stamp: \"{stamp}\"\n      identity: \"{}\"\n      dest: \"{}\"\n",
+            repo_yaml(h),
+            identity.display(),
+            dest.display()
+        ),
+    );
+}
+
+fn list_runbook(sb: &Sandbox, h: &OffsiteHost) {
+    sb.write(
+        "runbooks/list.yaml",
+        &format!(
+            "version: 1\nsteps:\n  - id: list\n    action: offsite-list\n    with:\n      repo: {}\n",
+            repo_yaml(h)
+        ),
+    );
+}
+
+fn events(r: &Run) -> Vec<Json> {
+    r.stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// The outputs of step `key` in a `--format json` run.
+fn outputs(r: &Run, key: &str) -> Json {
+    events(r)
+        .into_iter()
+        .find(|e| e["event"] == "step-succeeded" && e["key"] == key)
+        .unwrap_or_else(|| panic!("step {key} did not succeed: {r:?}"))["outputs"]
+        .clone()
+}
+
+fn run_json(sb: &Sandbox, name: &str) -> Run {
+    sb.run(&["run", name, "--yes", "--format", "json"])
+}
+
+fn list(sb: &Sandbox, h: &OffsiteHost) -> BTreeMap<String, Json> {
+    list_runbook(sb, h);
+    let r = run_json(sb, "list");
+    assert_eq!(r.code, 0, "{r:?}");
+    outputs(&r, "list")["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| (s["stamp"].as_str().unwrap().to_string(), s.clone()))
+        .collect()
+}
+
+/// Every byte of every file below `root`.
+fn all_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    walkdir::WalkDir::new(root)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .map(|e| (e.path().to_path_buf(), std::fs::read(e.path()).unwrap()))
+        .collect()
+}
+
+fn hex(data: &[u8]) -> String {
+    Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Limits what the host side of the link sends to the host (tc's token bucket).
+fn slow_link(host: &OffsiteHost, rate: &str) {
+    let st = Command::new("tc")
+        .args([
+            "qdisc", "replace", "dev", &host.veth, "root", "tbf", "rate", rate,
+        ])
+        .args(["burst", "64kb", "latency", "400ms"])
+        .status()
+        .expect("tc (iproute2)");
+    assert!(st.success(), "tc qdisc replace on {}", host.veth);
+}
+
+/// Waits (bounded by `secs`) until `cond` holds.
+fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_no_plaintext() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("backups/20261201T020000Z");
+    make_snapshot(&snap, 60, 400_000);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+
+    // The plan lists the remote and writes nothing, here or there; without an id key
+    // yet, every object is new (and the plan does not create the key).
+    let before_local = tree_digest(sb.path());
+    let before_remote = tree_digest(&host.repo_dir);
+    let plan = sb.run(&["plan", "push"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan.stdout.contains(&format!(
+            "encrypt and send 64 of 64 objects (22.9 MiB before encryption) of 70 files as 20261201T020000Z to root@{}:22 (a new object-id key: every object is new)",
+            host.host
+        )),
+        "{plan:?}"
+    );
+    assert_eq!(
+        tree_digest(sb.path()),
+        before_local,
+        "the plan wrote locally"
+    );
+    assert_eq!(
+        tree_digest(&host.repo_dir),
+        before_remote,
+        "the plan wrote remotely"
+    );
+
+    let r = run_json(&sb, "push");
+    assert_eq!(r.code, 0, "{r:?}");
+    let out = outputs(&r, "push");
+    assert_eq!(out["verified"], true);
+    assert_eq!(out["objects"], 64);
+    assert_eq!(out["objects_sent"], 64);
+    assert!(
+        host.repo_dir
+            .join("snapshots/20261201T020000Z/verified")
+            .is_file()
+    );
+
+    // Nothing plaintext on the remote: no content, no file name of the snapshot.
+    for (path, data) in all_bytes(&host.repo_dir) {
+        for needle in [DB_TEXT, REGISTRY_TEXT, CHROMA_TEXT]
+            .iter()
+            .chain(FILE_NAMES.iter())
+        {
+            assert!(
+                !contains(&data, needle.as_bytes()),
+                "`{needle}` in plaintext in {}",
+                path.display()
+            );
+        }
+        for name in FILE_NAMES {
+            assert!(
+                !path.display().to_string().contains(name),
+                "{}",
+                path.display()
+            );
+        }
+    }
+    // Nor the identity anywhere, nor any secret key in what the engine keeps or says.
+    let secret = std::fs::read_to_string(&identity).unwrap();
+    let secret = secret
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    let ssh_key = std::fs::read_to_string(&host.ssh_key).unwrap();
+    let ssh_body = ssh_key.lines().nth(1).unwrap();
+    for (path, data) in all_bytes(&host.repo_dir)
+        .into_iter()
+        .chain(all_bytes(&sb.p("state")))
+    {
+        assert!(!contains(&data, secret.as_bytes()), "{}", path.display());
+        assert!(!contains(&data, ssh_body.as_bytes()), "{}", path.display());
+    }
+    assert!(!r.stdout.contains(ssh_body) && !r.stderr.contains(ssh_body));
+
+    let listed = list(&sb, &host);
+    assert_eq!(listed["20261201T020000Z"]["verified"], true, "{listed:?}");
+
+    // A new host: its own sandbox and state dir; only the identity and the repo args.
+    let fresh = Sandbox::new();
+    let id2 = fresh.p("keys/identity.txt");
+    std::fs::create_dir_all(id2.parent().unwrap()).unwrap();
+    std::fs::copy(&identity, &id2).unwrap();
+    let dest = fresh.p("restore/snapshot");
+    std::fs::create_dir_all(fresh.p("restore")).unwrap();
+    fetch_runbook(&fresh, &host, "recover", "latest", &id2, &dest);
+    let plan = fresh.run(&["plan", "recover"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan.stdout.contains("fetch snapshot 20261201T020000Z from")
+            && plan.stdout.contains("verify and decrypt 70 files"),
+        "{plan:?}"
+    );
+    assert!(!dest.exists(), "the plan wrote the destination");
+    let r = run_json(&fresh, "recover");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(outputs(&r, "fetch")["stamp"], "20261201T020000Z");
+    assert_eq!(tree(&dest), tree(&snap));
+    let leftovers: Vec<String> = std::fs::read_dir(fresh.p("restore"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(leftovers, ["snapshot"], "staging left behind");
+    // Fetched again: the destination already holds the snapshot.
+    let again = run_json(&fresh, "recover");
+    assert_eq!(again.code, 0, "{again:?}");
+    for (path, data) in all_bytes(fresh.path()) {
+        assert!(!contains(&data, ssh_body.as_bytes()), "{}", path.display());
+        if path != id2 {
+            assert!(!contains(&data, secret.as_bytes()), "{}", path.display());
+        }
+    }
+
+    // The unchanged snapshot shipped again under the next stamp: almost nothing crosses.
+    push_runbook(&sb, &host, "push2", &snap, "20261202T020000Z", &recipient);
+    let plan = sb.run(&["plan", "push2"]);
+    assert!(
+        plan.stdout
+            .contains("encrypt and send 0 of 64 objects (0 B before encryption)"),
+        "{plan:?}"
+    );
+    let crossed = host.bytes_crossed();
+    let r = run_json(&sb, "push2");
+    assert_eq!(r.code, 0, "{r:?}");
+    let link = host.bytes_crossed() - crossed;
+    let out = outputs(&r, "push");
+    let total = out["bytes_total"].as_u64().unwrap();
+    assert_eq!(out["objects_sent"], 0, "{out}");
+    assert!(out["bytes_sent"].as_u64().unwrap() * 100 <= total, "{out}");
+    // Both directions of the link, ssh handshakes included.
+    assert!(
+        link * 100 <= total,
+        "{link} bytes crossed the link for a {total}-byte snapshot"
+    );
+    assert_eq!(list(&sb, &host)["20261202T020000Z"]["verified"], true);
+}
+
+#[test]
+fn the_age_cli_reads_what_runbook_wrote_and_runbook_reads_what_the_cli_wrote() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 3, 5000);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+    let r = sb.run(&["run", "push", "--yes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let snapdir = host.repo_dir.join("snapshots/20261201T020000Z");
+
+    // An operator with only the identity file and Debian's age, by hand.
+    let age_d = |file: &Path| -> Vec<u8> {
+        let out = Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(&identity)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "age -d {}: {out:?}", file.display());
+        out.stdout
+    };
+    let manifest: Json = serde_json::from_slice(&age_d(&snapdir.join("manifest.age"))).unwrap();
+    let db = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "db/atocore.db")
+        .unwrap()
+        .clone();
+    let id = db["object"].as_str().unwrap().to_string();
+    let object = host.repo_dir.join(format!("objects/{}/{id}", &id[..2]));
+    assert_eq!(
+        age_d(&object),
+        std::fs::read(snap.join("db/atocore.db")).unwrap()
+    );
+
+    // The other way: the manifest and the database's object re-encrypted by the CLI
+    // (as a person rewrapping by hand would), the list's digests updated; the fetch
+    // reads the CLI's ciphertext and restores the same tree.
+    let plain_manifest = sb.p("manifest.json");
+    std::fs::write(&plain_manifest, age_d(&snapdir.join("manifest.age"))).unwrap();
+    let plain_db = sb.p("db.plain");
+    std::fs::write(&plain_db, age_d(&object)).unwrap();
+    let age_e = |input: &Path, output: &Path| {
+        let st = Command::new("age")
+            .args(["-e", "-r", &recipient, "-o"])
+            .arg(output)
+            .arg(input)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    age_e(&plain_manifest, &snapdir.join("manifest.age"));
+    age_e(&plain_db, &object);
+    let digest = |p: &Path| {
+        let d = std::fs::read(p).unwrap();
+        (hex(&d), d.len())
+    };
+    let list = std::fs::read_to_string(snapdir.join("objects")).unwrap();
+    let rewritten: String = list
+        .lines()
+        .map(|l| {
+            let name = l.split(' ').next().unwrap();
+            if name == id {
+                let (d, n) = digest(&object);
+                format!("{id} {d} {n}\n")
+            } else if name == "manifest" {
+                let (d, n) = digest(&snapdir.join("manifest.age"));
+                format!("manifest {d} {n}\n")
+            } else {
+                format!("{l}\n")
+            }
+        })
+        .collect();
+    assert_ne!(rewritten, list);
+    std::fs::write(snapdir.join("objects"), rewritten).unwrap();
+    let dest = sb.p("restored");
+    fetch_runbook(&sb, &host, "fetch", "20261201T020000Z", &identity, &dest);
+    let r = sb.run(&["run", "fetch", "--yes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(tree(&dest), tree(&snap));
+}
+
+#[test]
+fn a_damaged_object_or_manifest_is_refused_before_anything_reaches_dest() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 4, 3000);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+    assert_eq!(sb.run(&["run", "push", "--yes"]).code, 0);
+    let snapdir = host.repo_dir.join("snapshots/20261201T020000Z");
+    let manifest: Json = {
+        let out = Command::new("age")
+            .arg("-d")
+            .arg("-i")
+            .arg(&identity)
+            .arg(snapdir.join("manifest.age"))
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let id = manifest["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["path"] == "registry/projects.json")
+        .unwrap()["object"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let object = host.repo_dir.join(format!("objects/{}/{id}", &id[..2]));
+    let manifest_file = snapdir.join("manifest.age");
+    let dest = sb.p("restore/dest");
+    std::fs::create_dir_all(sb.p("restore")).unwrap();
+    fetch_runbook(&sb, &host, "fetch", "20261201T020000Z", &identity, &dest);
+
+    type Damage = fn(&Path);
+    let flip: Damage = |p| {
+        let mut d = std::fs::read(p).unwrap();
+        let i = d.len() - 20;
+        d[i] ^= 0x01;
+        std::fs::write(p, d).unwrap();
+    };
+    let truncate: Damage = |p| {
+        let d = std::fs::read(p).unwrap();
+        std::fs::write(p, &d[..d.len() - 7]).unwrap();
+    };
+    let delete: Damage = |p| std::fs::remove_file(p).unwrap();
+    let object_name = format!("objects/{}/{id}", &id[..2]);
+    let cases: [(&str, &Path, Damage, &str); 6] = [
+        ("flipped object", &object, flip, "does not match its digest"),
+        (
+            "truncated object",
+            &object,
+            truncate,
+            "truncated or damaged",
+        ),
+        ("deleted object", &object, delete, "is missing on"),
+        (
+            "flipped manifest",
+            &manifest_file,
+            flip,
+            "does not match its digest",
+        ),
+        (
+            "truncated manifest",
+            &manifest_file,
+            truncate,
+            "truncated or damaged",
+        ),
+        (
+            "deleted manifest",
+            &manifest_file,
+            delete,
+            "is missing on the remote",
+        ),
+    ];
+    for (what, file, damage, why) in cases {
+        let saved = std::fs::read(file).unwrap();
+        damage(file);
+        let before = tree_digest(&sb.p("restore"));
+        for cmd in [&["plan", "fetch"][..], &["run", "fetch", "--yes"][..]] {
+            let r = sb.run(cmd);
+            assert_ne!(r.code, 0, "{what}: {cmd:?} did not refuse: {r:?}");
+            let text = format!("{}{}", r.stdout, r.stderr);
+            assert!(text.contains(why), "{what}: {r:?}");
+            if file == object {
+                assert!(
+                    text.contains(&object_name) && text.contains("`registry/projects.json`"),
+                    "{what}: the object and the file it holds are not named: {r:?}"
+                );
+            } else {
+                assert!(
+                    text.contains("snapshots/20261201T020000Z/manifest.age"),
+                    "{what}: {r:?}"
+                );
+            }
+        }
+        assert_eq!(
+            tree_digest(&sb.p("restore")),
+            before,
+            "{what}: something was written"
+        );
+        assert!(!dest.exists(), "{what}");
+        let listed = list(&sb, &host);
+        assert_eq!(
+            listed["20261201T020000Z"]["verified"], false,
+            "{what}: {listed:?}"
+        );
+        std::fs::write(file, saved).unwrap();
+    }
+    // Repaired, it verifies and fetches again.
+    assert_eq!(list(&sb, &host)["20261201T020000Z"]["verified"], true);
+    let r = sb.run(&["run", "fetch", "--yes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(tree(&dest), tree(&snap));
+}
+
+#[test]
+fn the_fetch_plan_names_the_identity_when_it_is_missing_or_cannot_decrypt() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (_, recipient) = age_keys(sb.path(), "identity.txt");
+    let (other, _) = age_keys(sb.path(), "other.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 2, 100);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+    assert_eq!(sb.run(&["run", "push", "--yes"]).code, 0);
+    let dest = sb.p("dest");
+    fetch_runbook(&sb, &host, "missing", "latest", &sb.p("nope.txt"), &dest);
+    let r = sb.run(&["plan", "missing"]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains("would fail") && r.stdout.contains("(argument `identity`)"),
+        "{r:?}"
+    );
+    fetch_runbook(&sb, &host, "wrong", "latest", &other, &dest);
+    let r = sb.run(&["plan", "wrong"]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout.contains(
+            "cannot decrypt the manifest of snapshot 20261201T020000Z (argument `identity`)"
+        ),
+        "{r:?}"
+    );
+    let secret = std::fs::read_to_string(&other).unwrap();
+    let secret = secret
+        .lines()
+        .find(|l| l.starts_with("AGE-SECRET-KEY-"))
+        .unwrap();
+    assert!(!r.stdout.contains(secret) && !r.stderr.contains(secret));
+    assert!(!dest.exists());
+}
+
+fn count_objects_below(dir: &Path) -> usize {
+    walkdir::WalkDir::new(dir.join("objects"))
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file() && e.file_name().len() == 64)
+        .count()
+}
+
+#[test]
+fn a_link_cut_mid_push_fails_clearly_and_resume_sends_only_what_is_missing() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 160, 256 << 10);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+    // A slow link, so the cut lands in the middle of the transfer.
+    slow_link(&host, "24mbit");
+    let child = sb
+        .cmd(&["run", "push", "--yes", "--format", "json"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a third of the objects on the remote", 120, || {
+        count_objects_below(&host.repo_dir) >= 55
+    });
+    host.link_down();
+    let at_cut = count_objects_below(&host.repo_dir);
+    let r: Run = child.wait_with_output().unwrap().into();
+    assert_ne!(r.code, 0, "{r:?}");
+    let text = format!("{}{}", r.stdout, r.stderr);
+    assert!(
+        text.contains(&format!(
+            "cannot reach the off-site host root@{}:22",
+            host.host
+        )) && text.contains("`runbook resume` this run"),
+        "{r:?}"
+    );
+    assert!(
+        !host
+            .repo_dir
+            .join("snapshots/20261201T020000Z/verified")
+            .exists()
+    );
+    let id = events(&r)[0]["run_id"].as_str().unwrap().to_string();
+    host.link_up();
+    let r = sb.run(&["resume", &id, "--format", "json"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let out = outputs(&r, "push");
+    assert_eq!(out["verified"], true);
+    let sent = out["objects_sent"].as_u64().unwrap() as usize;
+    assert!(
+        sent <= 164 - at_cut,
+        "resume sent {sent} objects; {at_cut} were there already: {out}"
+    );
+    let dest = sb.p("dest");
+    fetch_runbook(&sb, &host, "fetch", "latest", &identity, &dest);
+    assert_eq!(sb.run(&["run", "fetch", "--yes"]).code, 0);
+    assert_eq!(tree(&dest), tree(&snap));
+}
+
+#[test]
+fn the_engine_killed_during_a_push_or_a_fetch_resumes_to_the_same_end_state() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 40, 50_000);
+    let dest = sb.p("dest");
+    sb.write(
+        "runbooks/both.yaml",
+        &format!(
+            "version: 1\nsteps:\n  - id: push\n    action: offsite-push\n    with:\n      repo: {r}\n      source: \"{}\"\n      stamp: \"20261201T020000Z\"\n      recipients: [\"{recipient}\"]\n  - id: fetch\n    action: offsite-fetch\n    with:\n      repo: {r}\n      identity: \"{}\"\n      dest: \"{}\"\n",
+            snap.display(),
+            identity.display(),
+            dest.display(),
+            r = repo_yaml(&host)
+        ),
+    );
+    let mut seen_remote: Option<BTreeMap<PathBuf, String>> = None;
+    for point in ["before:push", "after:push", "before:fetch", "after:fetch"] {
+        let killed = sb
+            .cmd(&["run", "both", "--yes"])
+            .env("RUNBOOK_FAILPOINT", point)
+            .output()
+            .unwrap();
+        assert_eq!(killed.status.code(), None, "{point} was not killed");
+        let stdout = String::from_utf8_lossy(&killed.stdout);
+        let id = stdout.split_whitespace().nth(1).unwrap().to_string();
+        let r = sb.run(&["resume", &id]);
+        assert_eq!(r.code, 0, "{point}: {r:?}");
+        assert_eq!(tree(&dest), tree(&snap), "{point}");
+        assert_eq!(
+            list(&sb, &host)["20261201T020000Z"]["verified"],
+            true,
+            "{point}"
+        );
+        // The remote ends as an uninterrupted run leaves it: the same objects, one
+        // snapshot, and no temp files.
+        let mut names: Vec<String> = walkdir::WalkDir::new(&host.repo_dir)
+            .into_iter()
+            .flatten()
+            .filter(|e| e.file_type().is_file())
+            .map(|e| {
+                e.path()
+                    .strip_prefix(&host.repo_dir)
+                    .unwrap()
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        names.sort();
+        assert!(
+            names
+                .iter()
+                .all(|n| !n.contains(".tmp") && !n.contains("/.")),
+            "{point}: {names:?}"
+        );
+        assert_eq!(count_objects_below(&host.repo_dir), 44, "{point}");
+        let objects = tree_digest(&host.repo_dir.join("objects"));
+        if let Some(prev) = &seen_remote {
+            assert_eq!(&objects, prev, "{point}: objects were rewritten");
+        }
+        seen_remote = Some(objects);
+        std::fs::remove_dir_all(&dest).unwrap();
+        // The next round pushes the same stamp again: it is already verified.
+    }
+
+    // Killed in the middle of the transfer itself (a slow link, so it is), then resumed.
+    std::fs::remove_dir_all(&host.repo_dir).unwrap();
+    std::fs::create_dir(&host.repo_dir).unwrap();
+    slow_link(&host, "8mbit");
+    let mut child = sb
+        .cmd(&["run", "both", "--yes"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("objects arriving", 60, || {
+        count_objects_below(&host.repo_dir) >= 5
+    });
+    child.kill().unwrap();
+    assert!(
+        !host
+            .repo_dir
+            .join("snapshots/20261201T020000Z/verified")
+            .exists(),
+        "the push was over before the kill"
+    );
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let id = stdout.split_whitespace().nth(1).unwrap().to_string();
+    let r = resume_when_unlocked(&sb, &id);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(tree(&dest), tree(&snap));
+    assert_eq!(count_objects_below(&host.repo_dir), 44);
+}
+
+/// `runbook resume`, again while the killed engine's rsync still holds the run lock.
+fn resume_when_unlocked(sb: &Sandbox, id: &str) -> Run {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = sb.run(&["resume", id]);
+        if r.code == 0 || std::time::Instant::now() > deadline || !r.stderr.contains("lock") {
+            return r;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+}
+
+/// What the 7/4/6 policy keeps of [`calendar`] (as the local `retention` test).
+const KEPT: [&str; 15] = [
+    "20261126T020000Z",
+    "20261125T020000Z",
+    "20261124T020000Z",
+    "20261123T020000Z",
+    "20261122T020000Z",
+    "20261121T020000Z",
+    "20261120T020000Z",
+    "20261115T020000Z",
+    "20261108T020000Z",
+    "20261101T020000Z",
+    "20261001T020000Z",
+    "20260901T020000Z",
+    "20260801T020000Z",
+    "20260701T020000Z",
+    "20260601T020000Z",
+];
+
+/// Stamps of a simulated calendar: daily 02:00Z from 2026-01-01 to 2026-11-26.
+fn calendar() -> Vec<String> {
+    let mut out = Vec::new();
+    let mut d = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
+    while d <= chrono::NaiveDate::from_ymd_opt(2026, 11, 26).unwrap() {
+        out.push(format!("{}T020000Z", d.format("%Y%m%d")));
+        d = d.succ_opt().unwrap();
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap().flatten() {
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+#[test]
+fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_list() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    // Two real pushes: the oldest snapshot with a file of its own, the newest.
+    let old = sb.p("old");
+    make_snapshot(&old, 2, 100);
+    std::fs::write(old.join("only-in-january.txt"), "january").unwrap();
+    push_runbook(&sb, &host, "push-old", &old, "20260101T020000Z", &recipient);
+    assert_eq!(sb.run(&["run", "push-old", "--yes"]).code, 0);
+    let new = sb.p("new");
+    make_snapshot(&new, 2, 100);
+    push_runbook(&sb, &host, "push-new", &new, "20261126T020000Z", &recipient);
+    assert_eq!(sb.run(&["run", "push-new", "--yes"]).code, 0);
+    assert_eq!(count_objects_below(&host.repo_dir), 7);
+    // The days between: the newest snapshot as it would be shipped each day (the same
+    // objects, so the same list and marker).
+    let snapshots = host.repo_dir.join("snapshots");
+    for stamp in calendar() {
+        if !snapshots.join(&stamp).exists() {
+            copy_dir(&snapshots.join("20261126T020000Z"), &snapshots.join(&stamp));
+        }
+    }
+    sb.write(
+        "runbooks/prune.yaml",
+        &format!(
+            "version: 1\nsteps:\n  - id: prune\n    action: offsite-retention\n    with:\n      repo: {}\n",
+            repo_yaml(&host)
+        ),
+    );
+    let before = tree_digest(&host.repo_dir);
+    let plan = sb.run(&["plan", "prune"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan.stdout
+            .contains("delete 315 of 330 off-site snapshots: 20260101T020000Z 20260102T020000Z")
+            && plan.stdout.contains("and 1 objects")
+            && plan
+                .stdout
+                .contains("keep 15: 20261126T020000Z [daily (2026-11-26), newest]"),
+        "{plan:?}"
+    );
+    assert_eq!(
+        tree_digest(&host.repo_dir),
+        before,
+        "the plan removed something"
+    );
+    let r = run_json(&sb, "prune");
+    assert_eq!(r.code, 0, "{r:?}");
+    let out = outputs(&r, "prune");
+    assert_eq!(out["objects_deleted"], 1);
+    let mut left: Vec<String> = std::fs::read_dir(&snapshots)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    let mut kept: Vec<String> = KEPT.iter().map(|s| s.to_string()).collect();
+    kept.sort();
+    assert_eq!(left, kept);
+    assert_eq!(count_objects_below(&host.repo_dir), 6);
+    let listed = list(&sb, &host);
+    assert!(listed.values().all(|s| s["verified"] == true), "{listed:?}");
+    // Again: nothing more goes.
+    let plan = sb.run(&["plan", "prune"]);
+    assert!(
+        plan.stdout.contains("keeps all 15 off-site snapshots"),
+        "{plan:?}"
+    );
+    let dest = sb.p("dest");
+    fetch_runbook(&sb, &host, "fetch", "20261101T020000Z", &identity, &dest);
+    assert_eq!(sb.run(&["run", "fetch", "--yes"]).code, 0);
+    assert_eq!(tree(&dest), tree(&new));
+}
