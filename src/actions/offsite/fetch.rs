@@ -62,8 +62,13 @@ fn choose(args: &FetchArgs, remote: &Remote, ids: &Identities) -> Result<Chosen,
                     args.repo.dir.display()
                 )
             })?
-    } else {
+    } else if repo::valid_stamp(&args.stamp) {
         args.stamp.clone()
+    } else {
+        return Err(format!(
+            "`stamp`: `{}` is not a snapshot name (letters, digits, `-`, `_`, `.`)",
+            args.stamp
+        ));
     };
     if !stamps.contains(&stamp) {
         return Err(format!(

@@ -123,6 +123,7 @@ impl Action for OffsitePush {
 
     fn preflight(&self, args: &PushArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         if world.is_predicted(&args.source) {
+            world.predict_state(world_key(&args.repo, ctx), args.stamp.clone());
             return Verdict::WillChange(format!(
                 "encrypt and send `{}` as {} to {} after the steps before this one",
                 args.source.display(),

@@ -205,8 +205,20 @@ impl Plan {
 
 /// The plan: reads the source and the remote's listing; writes nothing anywhere (a
 /// missing id key is not created: then every object counts as new).
+/// A rendered stamp is a name in remote paths: checked again, not only at validate.
+fn check_stamp(stamp: &str) -> Result<(), String> {
+    if repo::valid_stamp(stamp) {
+        Ok(())
+    } else {
+        Err(format!(
+            "`stamp`: `{stamp}` is not a snapshot name (letters, digits, `-`, `_`, `.`)"
+        ))
+    }
+}
+
 pub fn plan(args: &PushArgs, ctx: &ActionCtx) -> Result<Plan, String> {
     args.repo.check()?;
+    check_stamp(&args.stamp)?;
     crypto::parse_recipients(&args.recipients).map_err(|e| e.to_string())?;
     let mut locals = walk(&args.source)?;
     let remote = Remote::new(&args.repo);
@@ -351,6 +363,7 @@ fn known_there(
 
 pub fn run(args: &PushArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     args.repo.check()?;
+    check_stamp(&args.stamp)?;
     let recipients = crypto::parse_recipients(&args.recipients).map_err(|e| e.to_string())?;
     let remote = Remote::new(&args.repo);
     let link = |e: super::ssh::SshError| {
