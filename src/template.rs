@@ -126,6 +126,7 @@ impl Templates {
         }
         env.set_formatter(format_value);
         env.add_filter("string", string_filter);
+        env.add_filter("dirname", dirname_filter);
         env.add_function("now_utc", now_utc);
         env.add_function("hostname", hostname);
         env.add_function("latest_stamp", latest_stamp);
@@ -347,6 +348,18 @@ fn string_filter(value: Value) -> Value {
     }
 }
 
+/// `| dirname`: the directory a path is in (`/srv/a/db/atocore.db` -> `/srv/a/db`), as
+/// `dirname(1)` says it, so a runbook can make the parent of a file param it restores.
+fn dirname_filter(path: &str) -> String {
+    let trimmed = path.trim_end_matches('/');
+    match trimmed.rfind('/') {
+        Some(0) => "/".to_string(),
+        Some(i) => trimmed[..i].trim_end_matches('/').to_string(),
+        None if path.starts_with('/') => "/".to_string(),
+        None => ".".to_string(),
+    }
+}
+
 /// minijinja's message without its template-name suffix.
 pub fn describe(e: &minijinja::Error) -> String {
     let mut msg = e
@@ -461,5 +474,24 @@ impl Templates {
                     .collect::<BTreeSet<_>>()
             })
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dirname_filter;
+
+    #[test]
+    fn dirname_says_what_dirname_1_says() {
+        for (path, dir) in [
+            ("/srv/atocore/data/db/atocore.db", "/srv/atocore/data/db"),
+            ("/srv/atocore/data/chroma/", "/srv/atocore/data"),
+            ("/atocore.db", "/"),
+            ("/", "/"),
+            ("atocore.db", "."),
+            ("db//atocore.db", "db"),
+        ] {
+            assert_eq!(dirname_filter(path), dir, "dirname of {path}");
+        }
     }
 }
