@@ -2,8 +2,12 @@
 //! drill and its tests. The same seed gives byte-identical data files.
 //!
 //! ```text
-//! runbook-testkit atocore-sandbox DIR [--seed N] [--port PORT] [--documents N] [--force]
+//! runbook-testkit atocore-sandbox DIR [--seed N] [--port PORT] [--documents N] [--force] [--empty]
 //! ```
+//!
+//! `--empty` makes a brand-new host instead: the same `sandbox.yaml` (paths, service,
+//! owner) and empty `data/`, `config/` and `backups/` directories, with no database,
+//! registry, vector store or snapshot: what `atocore/recover` rebuilds from off-site.
 //!
 //! Below DIR it writes:
 //! - `srv/storage/atocore/data/db/atocore.db`: SQLite (WAL mode, fully checkpointed)
@@ -43,6 +47,7 @@ struct Options {
     port: u16,
     documents: u64,
     force: bool,
+    empty: bool,
 }
 
 fn parse(args: &[String]) -> Result<Options, String> {
@@ -53,6 +58,7 @@ fn parse(args: &[String]) -> Result<Options, String> {
         port: 0,
         documents: 300,
         force: false,
+        empty: false,
     };
     let mut rest = args.iter();
     while let Some(arg) = rest.next() {
@@ -78,13 +84,15 @@ fn parse(args: &[String]) -> Result<Options, String> {
                     .map_err(|e| format!("--documents: {e}"))?;
             }
             "--force" => opts.force = true,
+            "--empty" => opts.empty = true,
             flag if flag.starts_with('-') => return Err(format!("unknown argument `{flag}`")),
             path if dir.is_none() => dir = Some(PathBuf::from(path)),
             extra => return Err(format!("unexpected argument `{extra}`")),
         }
     }
-    opts.dir =
-        dir.ok_or("usage: atocore-sandbox DIR [--seed N] [--port PORT] [--documents N] [--force]")?;
+    opts.dir = dir.ok_or(
+        "usage: atocore-sandbox DIR [--seed N] [--port PORT] [--documents N] [--force] [--empty]",
+    )?;
     Ok(opts)
 }
 
@@ -103,6 +111,9 @@ pub fn main(args: &[String]) -> Result<(), String> {
         .canonicalize()
         .map_err(|e| format!("{}: {e}", opts.dir.display()))?;
     let layout = Layout::new(&dir.join("srv/storage/atocore"));
+    if opts.empty {
+        return new_host(&dir, &layout, opts.port);
+    }
     for d in [
         layout.data().join("db"),
         layout.data().join("cache"),
@@ -119,12 +130,7 @@ pub fn main(args: &[String]) -> Result<(), String> {
     fs::write(layout.ingestion_lock(), b"")
         .map_err(|e| format!("{}: {e}", layout.ingestion_lock().display()))?;
 
-    let mine = fs::metadata(&dir).map_err(|e| e.to_string())?;
-    let (uid, gid) = if mine.uid() == 0 {
-        (1000, 1000)
-    } else {
-        (mine.uid(), mine.gid())
-    };
+    let (uid, gid) = owner_for(&dir)?;
     own(&layout, uid, gid)?;
 
     let port = match opts.port {
@@ -143,6 +149,42 @@ pub fn main(args: &[String]) -> Result<(), String> {
         dir.join("sandbox.yaml").display()
     );
     Ok(())
+}
+
+/// A new host: where the data will go and how its service runs, and no data.
+fn new_host(dir: &Path, layout: &Layout, port: u16) -> Result<(), String> {
+    for d in [
+        layout.data(),
+        layout.root.join("config"),
+        layout.backups(),
+        dir.join("run"),
+    ] {
+        fs::create_dir_all(&d).map_err(|e| format!("{}: {e}", d.display()))?;
+    }
+    let (uid, gid) = owner_for(dir)?;
+    own(layout, uid, gid)?;
+    let port = match port {
+        0 => free_port()?,
+        p => p,
+    };
+    let vars = vars_yaml(dir, layout, port, uid, gid)?;
+    fs::write(dir.join("sandbox.yaml"), vars).map_err(|e| format!("sandbox.yaml: {e}"))?;
+    println!(
+        "atocore new host in {}: no data yet; service on 127.0.0.1:{port}; vars {}",
+        dir.display(),
+        dir.join("sandbox.yaml").display()
+    );
+    Ok(())
+}
+
+/// 1000:1000 (the container user on Dalidou) when run as root, else the current user.
+fn owner_for(dir: &Path) -> Result<(u32, u32), String> {
+    let mine = fs::metadata(dir).map_err(|e| e.to_string())?;
+    Ok(if mine.uid() == 0 {
+        (1000, 1000)
+    } else {
+        (mine.uid(), mine.gid())
+    })
 }
 
 fn prepare_dir(dir: &Path, force: bool) -> Result<(), String> {

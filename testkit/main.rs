@@ -8,6 +8,7 @@ mod container;
 
 use std::process::ExitCode;
 
+mod age_keygen;
 mod atocore;
 mod atocore_damage;
 mod atocore_sandbox;
@@ -28,6 +29,7 @@ fn main() -> ExitCode {
     };
     let result: Result<(), String> = match program.as_str() {
         // One line per program: "name" => module::main(rest),
+        "age-keygen" => age_keygen::main(rest),
         "atocore-damage" => atocore_damage::main(rest),
         "atocore-sandbox" => atocore_sandbox::main(rest),
         "atocore-standin" => atocore_standin::main(rest),
@@ -70,4 +72,5 @@ const PROGRAMS: &[&str] = &[
     "atocore-damage",
     "sqlite-writer",
     "offsite-host",
+    "age-keygen",
 ];
