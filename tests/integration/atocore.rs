@@ -1354,7 +1354,30 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
     ])
     .to_string();
     let drill_dir = ato.p("drill").display().to_string();
+    // The off-site runbooks plan against a real off-site host holding the snapshot.
+    let host = crate::support::OffsiteHost::start();
+    let identity = ato.p("age-identity.txt");
+    let key = testkit(&["age-keygen", identity.to_str().unwrap()]);
+    assert_eq!(key.code, 0, "{key:?}");
+    let offsite_vars = ato.p("offsite.yaml");
+    std::fs::write(
+        &offsite_vars,
+        format!(
+            "{}age_recipients: [\"{}\"]\nage_identity: \"{}\"\n",
+            host.vars_yaml(),
+            key.stdout.trim(),
+            identity.display()
+        ),
+    )
+    .unwrap();
+    let offsite_vars = offsite_vars.display().to_string();
+    let shipped = ato.run("atocore/offsite", &["--vars", &offsite_vars]);
+    assert_eq!(shipped.code, 0, "{shipped:?}");
     let plans: Vec<(&str, Vec<String>)> = vec![
+        ("atocore/offsite", vec![]),
+        ("atocore/offsite", vec![format!("stamp={stamp}")]),
+        ("atocore/offsite-list", vec![]),
+        ("atocore/offsite-retention", vec![]),
         ("atocore/service", vec!["state=started".into()]),
         ("atocore/service", vec!["state=stopped".into()]),
         ("atocore/backup", vec![]),
@@ -1397,15 +1420,18 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
             name.strip_suffix(".yaml").map(|n| format!("atocore/{n}"))
         })
         .collect();
-    let planned: BTreeSet<String> = plans.iter().map(|(n, _)| n.to_string()).collect();
+    let mut planned: BTreeSet<String> = plans.iter().map(|(n, _)| n.to_string()).collect();
+    // Recover plans on a new host (below): here, a live database refuses it.
+    planned.insert("atocore/recover".into());
     assert_eq!(planned, listed, "a bundled runbook is not planned here");
 
     // A backup (restore) planned in the second of the last one would name the same
     // snapshot (safety copy), and be refused: it exists.
     next_second(&preserve);
     let before = digest_but_shm(ato.dir());
+    let remote_before = tree_digest(&host.repo_dir);
     for (name, sets) in &plans {
-        let mut args = vec!["--yes".to_string()];
+        let mut args = vec!["--yes".to_string(), "--vars".into(), offsite_vars.clone()];
         for s in sets {
             args.push("--set".into());
             args.push(s.clone());
@@ -1433,6 +1459,27 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
         )
     );
     assert_eq!(digest_but_shm(ato.dir()), before, "a plan wrote something");
+    assert_eq!(
+        tree_digest(&host.repo_dir),
+        remote_before,
+        "a plan wrote off-site"
+    );
+    // atocore/recover on a brand-new host plans clean and writes nothing there either.
+    let new_host = Ato::with(&["--empty"]);
+    let new_before = tree_digest(new_host.dir());
+    let r = new_host.plan("atocore/recover", &["--vars", &offsite_vars]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["ok"], true);
+    assert_eq!(
+        tree_digest(new_host.dir()),
+        new_before,
+        "the recover plan wrote"
+    );
+    assert_eq!(
+        tree_digest(&host.repo_dir),
+        remote_before,
+        "a plan wrote off-site"
+    );
 
     // Without the live database the backup's plan refuses at its `db` step.
     ato.stop_service();
@@ -1521,3 +1568,5 @@ fn the_drill_verifies_a_scratch_restore_and_leaves_nothing_behind() {
 // A child module, so it uses the fixture above (`Ato`, `verdicts`) as it is.
 #[path = "incremental.rs"]
 mod incremental;
+#[path = "atocore_offsite.rs"]
+mod offsite;
