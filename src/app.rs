@@ -840,6 +840,33 @@ impl App<'_> {
                 format!("drill_dir={}", dir.join("drill").display()),
                 format!("scratch_addr=127.0.0.1:{port}"),
             ];
+            // The disaster stages: an off-site host, then a new host with its own
+            // engine (this program), journal and port, from the same runbooks.
+            match crate::drill::offsite_unavailable() {
+                Some(why) => report.skip_offsite(&why),
+                None => {
+                    let new_port =
+                        crate::drill::free_port().map_err(|e| AppError::Refused(e.to_string()))?;
+                    let engine = std::env::current_exe().map_err(|e| {
+                        AppError::Refused(format!("cannot find this program's path: {e}"))
+                    })?;
+                    let runbooks = sandboxed
+                        .catalog
+                        .search_path
+                        .iter()
+                        .find(|d| d.join(format!("{CYCLE}.yaml")).is_file())
+                        .cloned()
+                        .unwrap_or_default();
+                    set.extend([
+                        "offsite=true".to_string(),
+                        format!("offsite_work={}", dir.join("offsite").display()),
+                        format!("new_host_dir={}", dir.join("new-host").display()),
+                        format!("new_host_port={new_port}"),
+                        format!("engine={}", engine.display()),
+                        format!("runbooks_dir={}", runbooks.display()),
+                    ]);
+                }
+            }
             set.extend(given.set.iter().cloned());
             let inputs = Inputs {
                 vars,

@@ -28,6 +28,10 @@ pub const CYCLE: &str = "atocore/drill-cycle";
 /// scratch-instance drill's own measure.
 const RTO_OUTPUT: &str = "rto_seconds";
 const SCRATCH_RTO_OUTPUT: &str = "scratch_rto_seconds";
+/// The disaster stages: the recovery onto a new host, and the second (incremental) push.
+const DR_RTO_OUTPUT: &str = "dr_rto_seconds";
+const OFFSITE_SENT_OUTPUT: &str = "offsite_bytes_sent";
+const OFFSITE_TOTAL_OUTPUT: &str = "offsite_bytes_total";
 
 /// How the drill went, stage by stage.
 #[derive(Debug, Serialize)]
@@ -41,6 +45,16 @@ pub struct DrillReport {
     pub rto_seconds: Option<f64>,
     /// The scratch-instance drill's own measure (copy, start, verify).
     pub drill_rto_seconds: Option<f64>,
+    /// Disaster recovery: `atocore/recover` on a new host from the off-site copy alone
+    /// (fetch, decrypt, validate, restore, start, verify). None when the disaster
+    /// stages did not run.
+    pub dr_rto_seconds: Option<f64>,
+    /// The second push of an unchanged vector store: the bytes it sent, of the
+    /// snapshot's bytes.
+    pub offsite_bytes_sent: Option<f64>,
+    pub offsite_bytes_total: Option<f64>,
+    /// Why the disaster stages were skipped, when they were.
+    pub offsite_skipped: Option<String>,
     pub seconds: f64,
 }
 
@@ -106,6 +120,7 @@ pub struct StageReport {
     status: Option<RunStatus>,
     /// Stages printed so far.
     printed: usize,
+    offsite_skipped: Option<String>,
 }
 
 impl StageReport {
@@ -122,7 +137,16 @@ impl StageReport {
             outputs: Outputs::new(),
             status: None,
             printed: 0,
+            offsite_skipped: None,
         }
+    }
+
+    /// The disaster stages will be skipped, for this reason (printed at once).
+    pub fn skip_offsite(&mut self, why: &str) {
+        if self.text {
+            println!("drill: {why}; they are skipped");
+        }
+        self.offsite_skipped = Some(why.to_string());
     }
 
     /// Builds the sandbox in `dir` (stage 1). False when that failed.
@@ -211,6 +235,9 @@ impl StageReport {
         };
         let rto_seconds = number(RTO_OUTPUT);
         let drill_rto_seconds = number(SCRATCH_RTO_OUTPUT);
+        let dr_rto_seconds = number(DR_RTO_OUTPUT);
+        let offsite_bytes_sent = number(OFFSITE_SENT_OUTPUT);
+        let offsite_bytes_total = number(OFFSITE_TOTAL_OUTPUT);
         let ok = self.stages.iter().all(|s| s.ok)
             && (self.stages.len() == 1 || self.status == Some(RunStatus::Succeeded));
         DrillReport {
@@ -220,6 +247,10 @@ impl StageReport {
             ok,
             rto_seconds,
             drill_rto_seconds,
+            dr_rto_seconds,
+            offsite_bytes_sent,
+            offsite_bytes_total,
+            offsite_skipped: self.offsite_skipped,
             seconds: self.started.elapsed().as_secs_f64(),
         }
     }
@@ -374,7 +405,57 @@ pub fn text_summary(r: &DrillReport) -> String {
             "scratch drill RTO: {rto:.2}s (copy, start, verify)\n"
         ));
     }
+    if let (Some(sent), Some(total)) = (r.offsite_bytes_sent, r.offsite_bytes_total) {
+        s.push_str(&format!(
+            "off-site second push: {} of {} bytes sent ({:.2}%: only what changed)\n",
+            sent as u64,
+            total as u64,
+            100.0 * sent / total.max(1.0)
+        ));
+    }
+    if let Some(rto) = r.dr_rto_seconds {
+        s.push_str(&format!(
+            "disaster recovery RTO: {rto:.2}s (new host from the off-site copy: fetch, decrypt, validate, restore, start, verify)\n"
+        ));
+    }
+    if let Some(why) = &r.offsite_skipped {
+        s.push_str(&format!("{why}: the disaster stages were skipped\n"));
+    }
     s
+}
+
+/// Why this machine cannot start an off-site host for the disaster stages, if it
+/// cannot: they need root (a network namespace), Debian's sshd, iproute2, the ssh
+/// client and rsync.
+pub fn offsite_unavailable() -> Option<String> {
+    let mut missing = Vec::new();
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 {
+        missing.push("root (a network namespace for the host)".to_string());
+    }
+    if !Path::new("/usr/sbin/sshd").is_file() {
+        missing.push("/usr/sbin/sshd (apt-get install openssh-server)".to_string());
+    }
+    for (tool, package) in [
+        ("ip", "iproute2"),
+        ("ssh", "openssh-client"),
+        ("rsync", "rsync"),
+    ] {
+        if !on_path(tool) {
+            missing.push(format!("{tool} (apt-get install {package})"));
+        }
+    }
+    (!missing.is_empty()).then(|| format!("off-site stages need {}", missing.join(", ")))
+}
+
+fn on_path(program: &str) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::env::var_os("PATH").is_some_and(|path| {
+        std::env::split_paths(&path).any(|dir| {
+            std::fs::metadata(dir.join(program))
+                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+        })
+    })
 }
 
 /// JUnit XML, for CI systems: one testcase per stage.

@@ -17,7 +17,7 @@ fn the_drill_passes_on_a_fresh_sandbox_and_reports_junit() {
         dir.to_str().unwrap(),
     ]);
     assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"runbook drill\" tests=\"15\" failures=\"0\""), "{r:?}");
+    assert!(r.stdout.starts_with("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<testsuites name=\"runbook drill\" tests=\"30\" failures=\"0\""), "{r:?}");
     for stage in [
         "sandbox",
         "backup",
@@ -32,6 +32,14 @@ fn the_drill_passes_on_a_fresh_sandbox_and_reports_junit() {
         "scratch-drill",
         "retention-plan",
         "stop",
+        "offsite-host",
+        "ship",
+        "ship-again",
+        "new-host",
+        "disaster-recovery",
+        "recovered-data",
+        "recovered-chroma",
+        "offsite-host-stop",
     ] {
         assert!(
             r.stdout.contains(&format!(
@@ -64,13 +72,13 @@ fn the_drill_in_text_keeps_its_sandbox_when_asked() {
     let lines: Vec<&str> = r.stdout.lines().collect();
     assert_eq!(lines[0], format!("drill: sandbox in {}", dir.display()));
     assert!(
-        lines[1].starts_with("[ 1/15] sandbox                ok  "),
+        lines[1].starts_with("[ 1/30] sandbox                ok  "),
         "{r:?}"
     );
     assert!(
         lines
             .iter()
-            .any(|l| l.starts_with("drill passed: 15 stages, 0 failed, ")),
+            .any(|l| l.starts_with("drill passed: 30 stages, 0 failed, ")),
         "{r:?}"
     );
     assert!(
@@ -78,6 +86,42 @@ fn the_drill_in_text_keeps_its_sandbox_when_asked() {
             .iter()
             .any(|l| l.starts_with("time to restore (RTO): ")),
         "{r:?}"
+    );
+    // The disaster stages ran (this machine can start an off-site host: the tests run
+    // as root with sshd, as .ci/run makes sure), and the summary has their figures.
+    assert!(
+        lines.iter().any(|l| l.starts_with("disaster recovery RTO: ")
+            && l.ends_with("s (new host from the off-site copy: fetch, decrypt, validate, restore, start, verify)")),
+        "{r:?}"
+    );
+    let second_push = lines
+        .iter()
+        .find(|l| l.starts_with("off-site second push: "))
+        .unwrap_or_else(|| panic!("no second push line: {r:?}"));
+    let words: Vec<&str> = second_push.split_whitespace().collect();
+    let (sent, total): (u64, u64) = (words[3].parse().unwrap(), words[5].parse().unwrap());
+    assert!(
+        total > 4_000_000 && sent * 100 <= total,
+        "the unchanged vector store's second push sent more than 1%: {second_push}"
+    );
+    for stage in ["recovered-data", "recovered-chroma", "disaster-recovery"] {
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.contains(&format!("] {stage} ")) && l.contains(" ok ")),
+            "stage {stage} did not pass: {r:?}"
+        );
+    }
+    assert!(
+        !lines.iter().any(|l| l.contains("off-site stages need")),
+        "{r:?}"
+    );
+    // Both hosts' services and the off-site host were stopped.
+    assert!(!dir.join("new-host/run/atocore.pid").exists());
+    assert!(!dir.join("offsite/offsite-host.pid").exists());
+    assert!(
+        !dir.join("offsite/host/host.json").exists(),
+        "the off-site host is still up"
     );
     assert!(dir.join("sandbox.yaml").exists());
     // The journal of every stage is there to read, and the service was stopped.
@@ -139,7 +183,18 @@ struct StopService(std::path::PathBuf);
 
 impl Drop for StopService {
     fn drop(&mut self) {
-        for pidfile in ["run/atocore.pid", "drill/service.pid"] {
+        // The off-site host tears its namespace down on SIGTERM (SIGKILL would leave it).
+        let text =
+            std::fs::read_to_string(self.0.join("offsite/offsite-host.pid")).unwrap_or_default();
+        if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
+            // SAFETY: a signal to the test's own off-site host.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        for pidfile in [
+            "run/atocore.pid",
+            "drill/service.pid",
+            "new-host/run/atocore.pid",
+        ] {
             let text = std::fs::read_to_string(self.0.join(pidfile)).unwrap_or_default();
             if let Some(pid) = text.split_whitespace().next().and_then(|p| p.parse().ok()) {
                 // SAFETY: a signal to the test's own service.
@@ -176,20 +231,20 @@ fn a_drill_whose_damage_goes_unnoticed_fails_at_detect() {
     let detect = r
         .stdout
         .lines()
-        .find(|l| l.starts_with("[ 8/15] detect "))
+        .find(|l| l.starts_with("[ 8/30] detect "))
         .unwrap();
     assert!(
-        detect.starts_with("[ 8/15] detect                 FAIL ")
+        detect.starts_with("[ 8/30] detect                 FAIL ")
             && detect.ends_with("verify notices the damage — expected to fail with `of `atocore/verify` failed`, but it succeeded"),
         "{r:?}"
     );
     assert!(
-        r.stdout.contains("[ 9/15] restore                -       0.00s  stop, safety copy, restore DB/registry/vector store, start, verify — not run: the cycle stopped before it\n"),
+        r.stdout.contains("[ 9/30] restore                -       0.00s  stop, safety copy, restore DB/registry/vector store, start, verify — not run: the cycle stopped before it\n"),
         "{r:?}"
     );
     assert!(
         r.stdout
-            .contains("drill FAILED: 15 stages, 1 failed, 7 not run, ")
+            .contains("drill FAILED: 30 stages, 1 failed, 22 not run, ")
             && r.stdout
                 .contains("first failed stage: detect (expected to fail with"),
         "{r:?}"
@@ -260,7 +315,7 @@ fn a_drill_killed_mid_cycle_is_finished_by_resume() {
         .unwrap();
     assert_eq!(out.status.code(), None, "not killed: {out:?}");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("[10/15] verify "), "{stdout}");
+    assert!(stdout.contains("[10/30] verify "), "{stdout}");
     assert!(!stdout.contains("forced-rollback "), "{stdout}");
     let state = dir.join("state");
     let runbook = |args: &[&str]| -> crate::support::Run {
@@ -300,4 +355,65 @@ fn a_drill_killed_mid_cycle_is_finished_by_resume() {
         !dir.join("run/atocore.pid").exists(),
         "the service was left running"
     );
+}
+
+/// On a machine that cannot start an off-site host (here: no `ip`, `ssh` or `rsync` on
+/// PATH), the disaster stages are skipped with a line that says what they need, and the
+/// rest of the drill still passes.
+#[test]
+fn a_drill_without_the_offsite_tools_says_what_they_need_and_skips_them() {
+    let sb = Sandbox::new();
+    let dir = sb.p("d");
+    let _guard = StopService(dir.clone());
+    // Every program of the usual PATH but the three.
+    let bin = sb.p("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for from in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
+        let Ok(entries) = std::fs::read_dir(from) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name();
+            if ["ip", "ssh", "rsync"].contains(&name.to_str().unwrap_or_default()) {
+                continue;
+            }
+            let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
+        }
+    }
+    let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
+    let out = sb
+        .cmd(&[
+            "--path",
+            runbooks,
+            "drill",
+            "--keep",
+            "--dir",
+            dir.to_str().unwrap(),
+        ])
+        .env("PATH", &bin)
+        .output()
+        .unwrap();
+    let r: crate::support::Run = out.into();
+    assert_eq!(r.code, 0, "{r:?}");
+    let need = "off-site stages need ip (apt-get install iproute2), ssh (apt-get install openssh-client), rsync (apt-get install rsync)";
+    assert!(
+        r.stdout
+            .contains(&format!("drill: {need}; they are skipped\n"))
+            && r.stdout
+                .contains(&format!("{need}: the disaster stages were skipped\n")),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout
+            .contains("[17/30] offsite-host           skip    0.00s  ")
+            && r.stdout
+                .contains("[24/30] disaster-recovery      skip    0.00s  "),
+        "{r:?}"
+    );
+    assert!(
+        r.stdout.contains("drill passed: 30 stages, 0 failed, "),
+        "{r:?}"
+    );
+    assert!(!r.stdout.contains("disaster recovery RTO"), "{r:?}");
+    assert!(!dir.join("offsite").exists() && !dir.join("new-host").exists());
 }
