@@ -10,8 +10,10 @@
 #   restic backup   to an sftp repository on the host (Debian's restic; encrypted, dedup)
 #   rsync -a        over the same ssh (plaintext; the floor for "copy what changed")
 #   runbook push    `runbook run` of a runbook with one `offsite-push` step (encrypted,
-#                   content-addressed); see engine_push below. Rows stay "n/a" until
-#                   the engine has the action.
+#                   content-addressed)
+# Then the engine's fetch of it back (verified, decrypted), age alone encrypting the
+# tree (the price of encryption, beside rsync's plaintext copy), and atocore/recover of
+# the AtoCore sandbox onto a new one (the disaster-recovery RTO).
 #
 #   bash benches/offsite.sh                 # 2,000 files, 200 MiB
 #   bash benches/offsite.sh 200 20          # a quick look
@@ -137,17 +139,13 @@ for run in first second; do
 done
 
 # ---------------------------------------------------------------- the engine
-# THE SLOT FOR THE ENGINE'S OWN PUSH: one `offsite-push` step (the design's arguments)
-# to the same host, encrypted to a fresh age recipient, first and unchanged second push
-# of two stamps of the same snapshot. Until `runbook validate` accepts the runbook (the
-# action is being built), the rows say so and stay out of the ratios.
-engine_push() {
-  local dir="$work/runbooks/bench"
-  mkdir -p "$dir"
-  age-keygen -o "$work/age.key" 2>/dev/null
-  local recipient
-  recipient=$(age-keygen -y "$work/age.key")
-  cat >"$dir/push.yaml" <<EOF
+# `runbook run` of one `offsite-push` step to the same host, encrypted to a fresh age
+# recipient: a first and an unchanged second push (two stamps of the same snapshot).
+age-keygen -o "$work/age.key" 2>/dev/null
+recipient=$(age-keygen -y "$work/age.key")
+repo_yaml="{host: \"$host\", port: 22, user: \"$user\", dir: \"$repo/runbook\", ssh_key: \"$key\", known_hosts: \"$known_hosts\"}"
+mkdir -p "$work/runbooks/bench"
+cat >"$work/runbooks/bench/push.yaml" <<EOF
 version: 1
 description: Benchmark - push one snapshot to the off-site host.
 params:
@@ -156,26 +154,74 @@ steps:
   - id: push
     action: offsite-push
     with:
-      repo: {host: "$host", port: 22, user: "$user", dir: "$repo/runbook", ssh_key: "$key", known_hosts: "$known_hosts"}
+      repo: $repo_yaml
       source: "$snapshot"
       stamp: "{{ stamp }}"
       recipients: ["$recipient"]
 EOF
-  local rb=("$runbook" --path "$work/runbooks" --state-dir "$work/state")
-  if ! "${rb[@]}" validate bench/push >"$work/engine-validate.log" 2>&1; then
-    echo "  (no engine rows: \`runbook validate\` refuses the offsite-push runbook:" \
-      "$(grep -m1 -i 'offsite-push\|error' "$work/engine-validate.log" || head -1 "$work/engine-validate.log"))"
-    printf 'runbook\tfirst\tn/a\tn/a\nrunbook\tsecond\tn/a\tn/a\n' >>"$results"
-    return 0
-  fi
-  measure runbook first "${rb[@]}" run bench/push --set stamp=20260101T000000Z
-  measure runbook second "${rb[@]}" run bench/push --set stamp=20260102T000000Z
-}
+cat >"$work/runbooks/bench/fetch.yaml" <<EOF
+version: 1
+description: Benchmark - fetch, verify and decrypt one snapshot from the off-site host.
+steps:
+  - id: fetch
+    action: offsite-fetch
+    with:
+      repo: $repo_yaml
+      stamp: latest
+      identity: "$work/age.key"
+      dest: "$work/fetched"
+EOF
+rb=("$runbook" --path "$work/runbooks" --state-dir "$work/state")
 echo "== runbook offsite-push (runbook run) to $user@$host:$repo/runbook"
-engine_push
+measure runbook first "${rb[@]}" run bench/push --set stamp=20260101T000000Z --yes
+measure runbook second "${rb[@]}" run bench/push --set stamp=20260102T000000Z --yes
+echo "== runbook offsite-fetch (runbook run): the same snapshot back, verified and decrypted"
+measure fetch first "${rb[@]}" run bench/fetch --yes
+if ! diff -r "$snapshot" "$work/fetched" >/dev/null; then
+  echo "FAIL: the fetched tree differs from the snapshot" >&2
+  exit 1
+fi
+
+# ---------------------------------------------------------------- the price of encryption
+# The engine has no plaintext mode (nothing leaves unencrypted): its first push is set
+# against rsync -a of the same tree over the same ssh (the same bytes, unencrypted), and
+# age alone encrypting the whole tree (one stream, Debian's age CLI) is timed apart.
+echo "== age alone: tar of the snapshot through age -r (to /dev/null)"
+t0=$EPOCHREALTIME
+tar -C "$snapshot" -cf - . | age -r "$recipient" >/dev/null
+t1=$EPOCHREALTIME
+printf 'age\tfirst\t%s\t0\n' "$(python3 -c "print($t1 - $t0)")" >>"$results"
+printf '  %-8s %-7s %8.2f s\n' age encrypt "$(python3 -c "print($t1 - $t0)")"
+
+# ---------------------------------------------------------------- disaster recovery
+# The AtoCore sandbox's snapshot shipped with atocore/offsite, then atocore/recover on a
+# brand-new sandbox from the off-site copy alone: the RTO of the disaster (fetch,
+# decrypt, validate, restore, start, verify), as the drill measures it.
+echo "== atocore/recover onto a new host (the sandbox; RTO)"
+"$testkit" atocore-sandbox "$work/old" >/dev/null
+"$testkit" atocore-sandbox "$work/new" --empty >/dev/null
+cat >"$work/offsite-vars.yaml" <<EOF
+offsite_host: "$host"
+offsite_user: "$user"
+offsite_dir: "$repo/atocore"
+offsite_ssh_key: "$key"
+offsite_known_hosts: "$known_hosts"
+age_recipients: ["$recipient"]
+age_identity: "$work/age.key"
+EOF
+atocore=("$runbook" --path "$PWD/runbooks")
+RUNBOOK_STATE_DIR="$work/old/state" "${atocore[@]}" run atocore/backup --vars "$work/old/sandbox.yaml" \
+  --set include_chroma=true --yes >"$work/old-backup.log"
+RUNBOOK_STATE_DIR="$work/old/state" "${atocore[@]}" run atocore/offsite --vars "$work/old/sandbox.yaml" \
+  --vars "$work/offsite-vars.yaml" --yes >"$work/old-offsite.log"
+measure recover first env RUNBOOK_STATE_DIR="$work/new/state" "${atocore[@]}" run atocore/recover \
+  --vars "$work/new/sandbox.yaml" --vars "$work/offsite-vars.yaml" --yes
+RUNBOOK_STATE_DIR="$work/new/state" "${atocore[@]}" run atocore/service --vars "$work/new/sandbox.yaml" \
+  --set state=stopped --yes >/dev/null
+sandbox_bytes=$(du -sb "$work/old/srv/storage/atocore/backups/snapshots" | cut -f1)
 
 # ---------------------------------------------------------------- the table
-python3 - "$results" "$files" "$mib" <<'PY'
+python3 - "$results" "$files" "$mib" "$sandbox_bytes" <<'PY'
 import sys
 rows = {}
 for line in open(sys.argv[1]):
@@ -208,4 +254,14 @@ total = int(sys.argv[3]) << 20
 for t in tools:
     r = rows.get((t, "second"))
     print(f"  {t:<8} " + ("n/a" if r is None else f"{100 * r[1] / total:.2f}%"))
+push, rsync, age = rows[("runbook", "first")], rows[("rsync", "first")], rows[("age", "first")]
+print("\nthe price of encryption (first push; the engine has no plaintext mode):")
+print(f"  runbook (encrypted) / rsync -a (plaintext, same ssh): {push[0] / rsync[0]:.2f}x time, "
+      f"{push[1] / max(rsync[1], 1):.3f}x bytes (+{100 * (push[0] - rsync[0]) / rsync[0]:.0f}% time)")
+print(f"  age alone over the whole tree: {age[0]:.2f} s = {100 * age[0] / push[0]:.1f}% of the push")
+fetch = rows[("fetch", "first")]
+print(f"\nfetch back (verify + decrypt): {fetch[0]:.2f} s, {fetch[1] / 1e6:.2f} MB crossed")
+rec = rows[("recover", "first")]
+print(f"disaster-recovery RTO, atocore/recover of the sandbox ({int(sys.argv[4]) / 1e6:.1f} MB of snapshots "
+      f"on the old host) onto a new one: {rec[0]:.2f} s, {rec[1] / 1e6:.2f} MB crossed")
 PY
