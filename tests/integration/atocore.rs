@@ -1356,21 +1356,8 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
     let drill_dir = ato.p("drill").display().to_string();
     // The off-site runbooks plan against a real off-site host holding the snapshot.
     let host = crate::support::OffsiteHost::start();
-    let identity = ato.p("age-identity.txt");
-    let key = testkit(&["age-keygen", identity.to_str().unwrap()]);
-    assert_eq!(key.code, 0, "{key:?}");
-    let offsite_vars = ato.p("offsite.yaml");
-    std::fs::write(
-        &offsite_vars,
-        format!(
-            "{}age_recipients: [\"{}\"]\nage_identity: \"{}\"\n",
-            host.vars_yaml(),
-            key.stdout.trim(),
-            identity.display()
-        ),
-    )
-    .unwrap();
-    let offsite_vars = offsite_vars.display().to_string();
+    let off = offsite::Offsite::new(&host, ato.dir());
+    let offsite_vars = off.vars();
     let shipped = ato.run("atocore/offsite", &["--vars", &offsite_vars]);
     assert_eq!(shipped.code, 0, "{shipped:?}");
     let plans: Vec<(&str, Vec<String>)> = vec![

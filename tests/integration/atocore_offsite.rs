@@ -15,7 +15,7 @@ use crate::support::{OffsiteHost, tree_digest};
 
 /// The off-site vars of a deployment: the host, the recipient, and (for recover) the
 /// identity; written next to the sandbox's own vars.
-struct Offsite {
+pub(super) struct Offsite {
     vars: PathBuf,
     identity: PathBuf,
     recipient: String,
@@ -24,7 +24,7 @@ struct Offsite {
 impl Offsite {
     /// An age identity (made by the testkit, with the engine's `age` crate) and a vars
     /// file for `host`, below `dir`.
-    fn new(host: &OffsiteHost, dir: &Path) -> Offsite {
+    pub(super) fn new(host: &OffsiteHost, dir: &Path) -> Offsite {
         let identity = dir.join("age-identity.txt");
         let r = testkit(&["age-keygen", identity.to_str().unwrap()]);
         assert_eq!(r.code, 0, "{r:?}");
@@ -47,7 +47,7 @@ impl Offsite {
         }
     }
 
-    fn vars(&self) -> String {
+    pub(super) fn vars(&self) -> String {
         self.vars.display().to_string()
     }
 
@@ -503,6 +503,30 @@ fn end_state(new: &Ato) -> (BTreeMap<PathBuf, String>, Vec<String>, Vec<String>)
     (data, names(new.data()), names(new.root().join("backups")))
 }
 
+/// `run NAME` SIGKILLed at `point` (`RUNBOOK_FAILPOINT`), then `runbook resume`, which
+/// must succeed; the run's id.
+fn killed_then_resumed(ato: &Ato, off: &Offsite, name: &str, point: &str) -> String {
+    let (sandbox, vars) = (ato.vars(), off.vars());
+    let killed = ato
+        .cmd(&["run", name, "--vars", &sandbox, "--vars", &vars, "--yes"])
+        .env("RUNBOOK_FAILPOINT", point)
+        .output()
+        .unwrap();
+    assert_eq!(
+        killed.status.code(),
+        None,
+        "{point}: not killed: {killed:?}"
+    );
+    let id = String::from_utf8_lossy(&killed.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let r = ato.runbook(&["resume", &id, "--yes"]);
+    assert_eq!(r.code, 0, "{point}: {r:?}");
+    id
+}
+
 #[test]
 fn offsite_and_recover_killed_at_any_step_resume_to_the_same_end_state() {
     let host = OffsiteHost::start();
@@ -512,33 +536,7 @@ fn offsite_and_recover_killed_at_any_step_resume_to_the_same_end_state() {
 
     // atocore/offsite, killed before and after its push and after validating.
     for point in ["before:push", "after:push"] {
-        let vars = off.vars();
-        let sandbox = old.vars();
-        let killed = old
-            .cmd(&[
-                "run",
-                "atocore/offsite",
-                "--vars",
-                &sandbox,
-                "--vars",
-                &vars,
-                "--yes",
-            ])
-            .env("RUNBOOK_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert_eq!(
-            killed.status.code(),
-            None,
-            "{point}: not killed: {killed:?}"
-        );
-        let id = String::from_utf8_lossy(&killed.stdout)
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string();
-        let r = old.runbook(&["resume", &id, "--yes"]);
-        assert_eq!(r.code, 0, "{point}: {r:?}");
+        killed_then_resumed(&old, &off, "atocore/offsite", point);
         let listed = run(&old, &off, "atocore/offsite-list", &[]);
         let snaps = &listed.outputs()["snapshots"];
         assert_eq!(snaps.as_array().unwrap().len(), 1, "{point}: {snaps}");
@@ -576,33 +574,7 @@ fn offsite_and_recover_killed_at_any_step_resume_to_the_same_end_state() {
         "after:verify/health",
     ] {
         let new = new_host();
-        let vars = off.vars();
-        let sandbox = new.vars();
-        let killed = new
-            .cmd(&[
-                "run",
-                "atocore/recover",
-                "--vars",
-                &sandbox,
-                "--vars",
-                &vars,
-                "--yes",
-            ])
-            .env("RUNBOOK_FAILPOINT", point)
-            .output()
-            .unwrap();
-        assert_eq!(
-            killed.status.code(),
-            None,
-            "{point}: not killed: {killed:?}"
-        );
-        let id = String::from_utf8_lossy(&killed.stdout)
-            .split_whitespace()
-            .nth(1)
-            .unwrap()
-            .to_string();
-        let r = new.runbook(&["resume", &id, "--yes"]);
-        assert_eq!(r.code, 0, "{point}: {r:?}");
+        let id = killed_then_resumed(&new, &off, "atocore/recover", point);
         assert_eq!(new.run_status(&id), "succeeded", "{point}");
         assert_recovered(&new, &old.snapshot(&stamp));
         new.stop_service();

@@ -205,17 +205,20 @@ impl Drop for StopService {
 }
 
 fn drill(sb: &Sandbox, dir: &std::path::Path, extra: &[&str]) -> crate::support::Run {
+    drill_cmd(sb, dir).args(extra).output().unwrap().into()
+}
+
+/// `runbook --path <repo>/runbooks drill --keep --dir DIR`, for more args or env.
+fn drill_cmd(sb: &Sandbox, dir: &std::path::Path) -> std::process::Command {
     let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
-    let mut args = vec![
+    sb.cmd(&[
         "--path",
         runbooks,
         "drill",
         "--keep",
         "--dir",
         dir.to_str().unwrap(),
-    ];
-    args.extend_from_slice(extra);
-    sb.run(&args)
+    ])
 }
 
 /// Damage that verify does not notice (a WAL with one more document) fails the
@@ -301,15 +304,7 @@ fn a_drill_killed_mid_cycle_is_finished_by_resume() {
     let dir = sb.p("d");
     let _guard = StopService(dir.clone());
     let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
-    let out = sb
-        .cmd(&[
-            "--path",
-            runbooks,
-            "drill",
-            "--keep",
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
+    let out = drill_cmd(&sb, &dir)
         .env("RUNBOOK_FAILPOINT", "before:forced-rollback/restore/db")
         .output()
         .unwrap();
@@ -380,19 +375,7 @@ fn a_drill_without_the_offsite_tools_says_what_they_need_and_skips_them() {
             let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
         }
     }
-    let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
-    let out = sb
-        .cmd(&[
-            "--path",
-            runbooks,
-            "drill",
-            "--keep",
-            "--dir",
-            dir.to_str().unwrap(),
-        ])
-        .env("PATH", &bin)
-        .output()
-        .unwrap();
+    let out = drill_cmd(&sb, &dir).env("PATH", &bin).output().unwrap();
     let r: crate::support::Run = out.into();
     assert_eq!(r.code, 0, "{r:?}");
     let need = "off-site stages need ip (apt-get install iproute2), ssh (apt-get install openssh-client), rsync (apt-get install rsync)";
