@@ -19,8 +19,12 @@ pub const MASK: &str = "********";
 
 /// A base64 fragment shorter than this is not masked: a few base64 characters occur in
 /// ordinary text by chance, and masking them would garble it. Secrets of 5 bytes or
-/// more always have a fragment at least this long at every offset.
+/// more always have a fragment at least this long at every offset; shorter ones are
+/// found by decoding instead (see [`Redactor::short_in_base64`]).
 const MIN_BASE64_FRAGMENT: usize = 6;
+/// Secrets shorter than this have no base64 fragment of [`MIN_BASE64_FRAGMENT`] at every
+/// offset.
+const SHORT_SECRET: usize = 5;
 
 #[derive(Debug, Clone, Default)]
 pub struct Redactor {
@@ -70,7 +74,37 @@ impl Redactor {
 
     /// Whether the text holds a secret (in any of its forms).
     pub fn finds_in(&self, s: &str) -> bool {
-        self.pattern.as_ref().is_some_and(|p| p.is_match(s))
+        self.pattern.as_ref().is_some_and(|p| p.is_match(s)) || !self.short_in_base64(s).is_empty()
+    }
+
+    /// The byte ranges of base64 words in `s` that decode to printable text holding a
+    /// secret too short to have a base64 fragment of its own (`Basic dXNlcjpwdzEy` for
+    /// the password `pw12`). A whole word is masked, and only when its decoding is text:
+    /// ordinary words decode to binary, so they are left alone.
+    fn short_in_base64(&self, s: &str) -> Vec<std::ops::Range<usize>> {
+        let short: Vec<&[u8]> = self
+            .secrets
+            .iter()
+            .filter(|x| x.len() < SHORT_SECRET)
+            .map(|x| x.as_bytes())
+            .collect();
+        if short.is_empty() {
+            return Vec::new();
+        }
+        static WORD: OnceLock<Regex> = OnceLock::new();
+        let word =
+            WORD.get_or_init(|| Regex::new("[A-Za-z0-9+/_-]{4,}={0,2}").expect("a valid regex"));
+        word.find_iter(s)
+            .filter(|m| {
+                decode_base64(m.as_str()).is_some_and(|bytes| {
+                    bytes.iter().all(|b| (0x20..0x7f).contains(b))
+                        && short
+                            .iter()
+                            .any(|x| bytes.windows(x.len()).any(|w| w == *x))
+                })
+            })
+            .map(|m| m.range())
+            .collect()
     }
 
     /// Whether a value holds a secret anywhere in it.
@@ -79,10 +113,23 @@ impl Redactor {
     }
 
     pub fn text(&self, s: &str) -> String {
-        match &self.pattern {
+        let masked = match &self.pattern {
             Some(p) => p.replace_all(s, MASK).into_owned(),
-            None => s.to_string(),
+            None => return s.to_string(),
+        };
+        let words = self.short_in_base64(&masked);
+        if words.is_empty() {
+            return masked;
         }
+        let mut out = String::with_capacity(masked.len());
+        let mut at = 0;
+        for w in words {
+            out.push_str(&masked[at..w.start]);
+            out.push_str(MASK);
+            at = w.end;
+        }
+        out.push_str(&masked[at..]);
+        out
     }
 
     pub fn json(&self, v: &Json) -> Json {
@@ -125,6 +172,34 @@ pub fn mask_for_logs(s: &str) -> String {
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .text(s)
+}
+
+/// Standard or URL-safe base64 (padding optional); None when `word` is not that.
+fn decode_base64(word: &str) -> Option<Vec<u8>> {
+    let digits = word.trim_end_matches('=');
+    if digits.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(digits.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in digits.bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
 }
 
 /// One alternation of every secret's spellings, longest source first.
@@ -355,9 +430,30 @@ mod tests {
     }
 
     #[test]
-    fn a_short_secret_has_no_base64_form_to_garble_text_with() {
-        let r = redactor(&["ab"]);
-        assert_eq!(r.text("YWJj and ab"), format!("YWJj and {MASK}"));
+    fn a_short_secret_is_masked_in_base64_text_and_ordinary_words_are_left() {
+        for secret in ["ab", "pw1", "pw12"] {
+            let r = redactor(&[secret]);
+            for user in ["u", "us", "usr", "user"] {
+                let header = format!(
+                    "Authorization: Basic {}",
+                    base64(format!("{user}:{secret}").as_bytes())
+                );
+                assert_eq!(
+                    r.text(&header),
+                    format!("Authorization: Basic {MASK}"),
+                    "{secret} {user}"
+                );
+                assert!(r.finds_in(&header));
+            }
+            // Words that decode to binary, not text, are not base64 of anything shown.
+            let prose = "Hello world, this restore was verified";
+            assert_eq!(r.text(prose), prose, "{secret}");
+        }
+        // `YWJj` is base64 of `abc`: it holds `ab`.
+        assert_eq!(
+            redactor(&["ab"]).text("YWJj and ab"),
+            format!("{MASK} and {MASK}")
+        );
     }
 
     #[test]

@@ -596,6 +596,53 @@ steps:
     assert_absent(&artifacts, &forms);
 }
 
+/// A secret too short to have a base64 fragment of its own (4 bytes) is still masked
+/// in the basic-auth header the echo server sends back: the whole base64 word goes.
+#[test]
+fn a_four_byte_secret_is_masked_in_its_basic_auth_header_too() {
+    const PW: &str = "pw12";
+    let server = HttpServer::start(&["--route", "GET", "/echo", "200", "@echo"]);
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/short.yaml",
+        &format!(
+            "version: 1\nparams:\n  pw: {{type: string, secret: true, required: true}}\nsteps:\n  - id: basic\n    action: http\n    with: {{url: \"http://operator:{{{{ pw }}}}@127.0.0.1:{}/echo\"}}\n",
+            server.port
+        ),
+    );
+    let set = format!("pw={PW}");
+    let r = sb.run(&["run", "short", "--set", &set, "-vv"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let json = sb.run(&["run", "short", "--set", &set, "--format", "json"]);
+    assert_eq!(json.code, 0, "{json:?}");
+    let basic = base64(format!("operator:{PW}").as_bytes());
+    let wire = server.requests();
+    assert_eq!(
+        wire[0]["headers"]["authorization"],
+        format!("Basic {basic}"),
+        "not the header the server saw"
+    );
+    let id = run_id(&r);
+    let record = show(&sb, &id);
+    let auth = record["steps"][0]["outputs"]["body"]["headers"]["authorization"]
+        .as_str()
+        .unwrap();
+    assert_eq!(auth, "Basic ********");
+    let mut artifacts = files_below(&sb.p("state"));
+    artifacts.extend(outputs_of(&[
+        ("run -vv", &r),
+        ("run json", &json),
+        ("show json", &sb.run(&["show", &id, "--format", "json"])),
+    ]));
+    assert_absent(
+        &artifacts,
+        &[
+            ("the secret".to_string(), PW.to_string()),
+            ("base64 of user:secret".to_string(), basic),
+        ],
+    );
+}
+
 // ------------------------------------------------ class 14: unset optional params
 
 #[test]
