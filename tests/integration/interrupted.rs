@@ -3,10 +3,9 @@
 //! must end exactly where an uninterrupted run ends.
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-use crate::support::Sandbox;
+use crate::support::{Sandbox, end_state};
 
 const ALL: &str = r#"version: 1
 roots: ["{root}/work"]
@@ -84,44 +83,9 @@ fn prepare() -> Sandbox {
     sb
 }
 
-/// Names, types, owners, modes and contents below `work/` (times are left out: a
-/// rerun writes files anew). SQLite databases are compared by their rows.
+/// What a run leaves below `work/` ([`end_state`]: no times, databases by their rows).
 fn state(root: &Path) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for entry in walkdir::WalkDir::new(root.join("work")).sort_by_file_name() {
-        let entry = entry.unwrap();
-        let m = entry.path().symlink_metadata().unwrap();
-        let rel = entry
-            .path()
-            .strip_prefix(root)
-            .unwrap()
-            .display()
-            .to_string();
-        let content = if rel.ends_with(".db") {
-            let conn = rusqlite::Connection::open_with_flags(
-                entry.path(),
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )
-            .unwrap();
-            let rows: Vec<String> = conn
-                .prepare("SELECT id || ':' || v FROM t ORDER BY id")
-                .unwrap()
-                .query_map([], |r| r.get(0))
-                .unwrap()
-                .map(Result::unwrap)
-                .collect();
-            rows.join(",")
-        } else if m.is_file() {
-            String::from_utf8_lossy(&std::fs::read(entry.path()).unwrap()).into_owned()
-        } else {
-            String::new()
-        };
-        out.insert(
-            rel,
-            format!("{:o} {}:{} {content}", m.mode(), m.uid(), m.gid()),
-        );
-    }
-    out
+    end_state(root, &["work"])
 }
 
 #[test]

@@ -163,6 +163,56 @@ pub fn tree_digest(root: &Path) -> BTreeMap<PathBuf, String> {
     out
 }
 
+/// Names, types, modes, owners, sizes and contents below each of `dirs` of `root`, keyed
+/// by the path from `root`; times are left out, so two sandboxes built at different
+/// instants (an interrupted and resumed run, an uninterrupted one) compare equal when
+/// they hold the same. SQLite files (`.db`) are compared by the rows of their table `t`.
+pub fn end_state(root: &Path, dirs: &[&str]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    for dir in dirs {
+        for entry in walkdir::WalkDir::new(root.join(dir)).sort_by_file_name() {
+            let entry = entry.unwrap();
+            let m = entry.path().symlink_metadata().unwrap();
+            let rel = entry
+                .path()
+                .strip_prefix(root)
+                .unwrap()
+                .display()
+                .to_string();
+            let content = if rel.ends_with(".db") {
+                let conn = rusqlite::Connection::open_with_flags(
+                    entry.path(),
+                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+                )
+                .unwrap();
+                let rows: Vec<String> = conn
+                    .prepare("SELECT id || ':' || v FROM t ORDER BY id")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .map(Result::unwrap)
+                    .collect();
+                rows.join(",")
+            } else if m.is_file() {
+                runbook::actions::files::hex(&Sha256::digest(std::fs::read(entry.path()).unwrap()))
+            } else if m.file_type().is_symlink() {
+                std::fs::read_link(entry.path())
+                    .unwrap()
+                    .display()
+                    .to_string()
+            } else {
+                String::new()
+            };
+            let size = if m.is_dir() { 0 } else { m.len() };
+            out.insert(
+                rel,
+                format!("{:o} {}:{} {size} {content}", m.mode(), m.uid(), m.gid()),
+            );
+        }
+    }
+    out
+}
+
 /// `runbook-testkit http-serve` on 127.0.0.1, killed when dropped (and exiting by itself
 /// after two minutes in any case).
 pub struct HttpServer {

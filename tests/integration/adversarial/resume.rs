@@ -5,15 +5,13 @@
 //! the steps write; copies keep holes and never read special files or copy a tree
 //! into itself.
 
-use std::collections::BTreeMap;
 use std::fs;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use sha2::{Digest, Sha256};
 
-use crate::support::{Sandbox, tree_digest};
+use crate::support::{Sandbox, end_state, tree_digest};
 
 /// A tmpfs mounted for one test (we are root), unmounted when dropped.
 struct Tmpfs {
@@ -39,57 +37,6 @@ impl Drop for Tmpfs {
     fn drop(&mut self) {
         let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
     }
-}
-
-/// Names, types, modes, owners, sizes and contents below each of `dirs` (times are
-/// left out: the two sandboxes compared are built at different instants). SQLite
-/// databases are compared by their rows.
-fn end_state(root: &Path, dirs: &[&str]) -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    for dir in dirs {
-        for entry in walkdir::WalkDir::new(root.join(dir)).sort_by_file_name() {
-            let entry = entry.unwrap();
-            let m = entry.path().symlink_metadata().unwrap();
-            let rel = entry
-                .path()
-                .strip_prefix(root)
-                .unwrap()
-                .display()
-                .to_string();
-            let content = if rel.ends_with(".db") {
-                let conn = rusqlite::Connection::open_with_flags(
-                    entry.path(),
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-                )
-                .unwrap();
-                let rows: Vec<String> = conn
-                    .prepare("SELECT id || ':' || v FROM t ORDER BY id")
-                    .unwrap()
-                    .query_map([], |r| r.get(0))
-                    .unwrap()
-                    .map(Result::unwrap)
-                    .collect();
-                rows.join(",")
-            } else if m.is_file() {
-                runbook::actions::files::hex(&Sha256::digest(fs::read(entry.path()).unwrap()))
-            } else if m.file_type().is_symlink() {
-                fs::read_link(entry.path()).unwrap().display().to_string()
-            } else {
-                String::new()
-            };
-            out.insert(
-                rel,
-                format!(
-                    "{:o} {}:{} {} {content}",
-                    m.mode(),
-                    m.uid(),
-                    m.gid(),
-                    m.len()
-                ),
-            );
-        }
-    }
-    out
 }
 
 fn leftovers(root: &Path) -> Vec<String> {
