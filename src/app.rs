@@ -133,7 +133,11 @@ pub fn dispatch(cli: &Cli) -> Exit {
             accept_changes,
             again,
         } => app.rollback(run_id, inputs, *accept_changes, *again),
-        Command::Runs => app.runs(),
+        Command::Runs {
+            status,
+            since,
+            runbook,
+        } => app.runs(*status, *since, runbook.as_deref()),
         Command::Show { run_id } => app.show(run_id),
         Command::Drill { keep, dir, inputs } => app.drill(*keep, dir.clone(), inputs),
         Command::Schema => {
@@ -919,11 +923,24 @@ impl App<'_> {
         }
     }
 
-    fn runs(&self) -> Result<Exit, AppError> {
-        let runs = match self.journal_if_any()? {
+    fn runs(
+        &self,
+        status: Option<crate::cli::RunStatusArg>,
+        since: Option<chrono::Duration>,
+        runbook: Option<&str>,
+    ) -> Result<Exit, AppError> {
+        let mut runs = match self.journal_if_any()? {
             Some(j) => j.runs()?,
             None => Vec::new(),
         };
+        let cutoff = since.map(|d| chrono::Utc::now() - d);
+        runs.retain(|r| {
+            status.is_none_or(|s| r.status == s.as_str())
+                && runbook.is_none_or(|name| r.runbook == name)
+                && cutoff.is_none_or(|c| {
+                    chrono::DateTime::parse_from_rfc3339(&r.started_at).is_ok_and(|t| t >= c)
+                })
+        });
         if self.json() {
             println!(
                 "{}",

@@ -129,8 +129,21 @@ pub enum Command {
         #[arg(long)]
         again: bool,
     },
-    /// The journal's runs, newest first.
-    Runs,
+    /// The journal's runs, newest first. Filters answer "did last night's backup
+    /// work?": `runbook runs --runbook atocore/backup --since 24h --format json`, or
+    /// `--status failed --since 24h` for what failed in the last day.
+    Runs {
+        /// Only runs in this state.
+        #[arg(long, value_enum, value_name = "STATUS")]
+        status: Option<RunStatusArg>,
+        /// Only runs started within this long before now: a number and a unit, `s`, `m`,
+        /// `h` or `d` (`30m`, `24h`, `7d`).
+        #[arg(long, value_name = "DURATION", value_parser = parse_since)]
+        since: Option<chrono::Duration>,
+        /// Only runs of this runbook (`atocore/backup`).
+        #[arg(long, value_name = "NAME")]
+        runbook: Option<String>,
+    },
     /// One run's journal, step by step.
     Show { run_id: String },
     /// Print the JSON Schema of the runbook format.
@@ -168,7 +181,7 @@ pub fn run() -> i32 {
         Command::List
             | Command::Validate { .. }
             | Command::Plan { .. }
-            | Command::Runs
+            | Command::Runs { .. }
             | Command::Show { .. }
             | Command::Schema
     ) {
@@ -217,4 +230,44 @@ impl std::io::Write for RedactedStderr {
     fn flush(&mut self) -> std::io::Result<()> {
         std::io::stderr().flush()
     }
+}
+
+/// A run's state, as `runbook runs --status` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RunStatusArg {
+    Running,
+    Succeeded,
+    Failed,
+    Interrupted,
+    RolledBack,
+}
+
+impl RunStatusArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatusArg::Running => "running",
+            RunStatusArg::Succeeded => "succeeded",
+            RunStatusArg::Failed => "failed",
+            RunStatusArg::Interrupted => "interrupted",
+            RunStatusArg::RolledBack => "rolled-back",
+        }
+    }
+}
+
+/// `30m`, `24h`, `7d`, `90s`: how far back `runbook runs --since` looks.
+fn parse_since(text: &str) -> Result<chrono::Duration, String> {
+    let bad = || format!("`{text}` is not a duration: give a number and s, m, h or d (24h, 7d)");
+    let (number, unit) = text.split_at(text.len().saturating_sub(1));
+    let n: i64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    n.checked_mul(seconds)
+        .filter(|s| *s >= 0 && *s <= 100 * 365 * 86_400)
+        .map(chrono::Duration::seconds)
+        .ok_or_else(bad)
 }

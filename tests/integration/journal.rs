@@ -598,3 +598,61 @@ steps:
         "an undeclared key reached the journal"
     );
 }
+
+/// `runs --status/--since/--runbook`: "did last night's backup work?" in one command.
+#[test]
+fn runs_filters_by_status_age_and_runbook() {
+    let sb = Sandbox::new();
+    sb.write(
+        "runbooks/ok.yaml",
+        "version: 1\nsteps:\n  - id: a\n    action: assert\n    with: {that: 'true'}\n",
+    );
+    sb.write(
+        "runbooks/bad.yaml",
+        "version: 1\nsteps:\n  - id: a\n    action: exec\n    with: {argv: [sh, -c, 'exit 7']}\n",
+    );
+    assert_eq!(sb.run(&["run", "ok"]).code, 0);
+    assert_eq!(sb.run(&["run", "bad"]).code, 1);
+    assert_eq!(sb.run(&["run", "ok"]).code, 0);
+    let ids = |args: &[&str]| -> Vec<(String, String)> {
+        let mut all = vec!["runs", "--format", "json"];
+        all.extend_from_slice(args);
+        let r = sb.run(&all);
+        assert_eq!(r.code, 0, "{r:?}");
+        serde_json::from_str::<Vec<serde_json::Value>>(&r.stdout)
+            .unwrap()
+            .iter()
+            .map(|v| {
+                (
+                    v["runbook"].as_str().unwrap().to_string(),
+                    v["status"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pair = |a: &str, b: &str| (a.to_string(), b.to_string());
+    assert_eq!(ids(&[]).len(), 3);
+    assert_eq!(ids(&["--status", "failed"]), [pair("bad", "failed")]);
+    assert_eq!(
+        ids(&["--runbook", "ok", "--since", "24h"]),
+        [pair("ok", "succeeded"), pair("ok", "succeeded")]
+    );
+    assert_eq!(ids(&["--status", "failed", "--since", "1h"]).len(), 1);
+    // A window that ends before these runs started holds none of them.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    assert!(ids(&["--since", "0s"]).is_empty());
+    let r = sb.run(&["runs", "--since", "yesterday"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("`yesterday` is not a duration: give a number and s, m, h or d (24h, 7d)"),
+        "{r:?}"
+    );
+    let r = sb.run(&["runs", "--status", "broken"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("possible values: running, succeeded, failed, interrupted, rolled-back"),
+        "{r:?}"
+    );
+}

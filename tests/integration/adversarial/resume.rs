@@ -10,7 +10,6 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-
 use crate::support::{Sandbox, end_state, tree_digest};
 
 /// A tmpfs mounted for one test (we are root), unmounted when dropped.
