@@ -91,7 +91,7 @@ fn default_method() -> String {
 }
 
 /// Expectations on the answer.
-#[derive(Debug, Default, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Default, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpExpect {
     /// The status code, or a list of accepted codes (default: any 2xx).
@@ -111,7 +111,7 @@ pub enum StatusSpec {
 }
 
 /// Retrying until healthy.
-#[derive(Debug, Deserialize, JsonSchema)]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HttpRetry {
     /// Keep trying for this long (`60s`, `2m`).
@@ -622,6 +622,109 @@ impl Action for Http {
                 args.url
             )),
         }
+    }
+}
+
+/// Check a service with a request that only reads (`GET` or `HEAD`): the same
+/// expectations, outputs and `retry.until_healthy` as `http`, and always read-only, so
+/// `plan --probe` sends it and `resume` sends it again. For requests that change
+/// things, use `http`.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct HttpCheckArgs {
+    /// `GET` (default) or `HEAD`.
+    #[serde(default)]
+    pub method: CheckMethod,
+    /// The URL, `http://` or `https://` (TLS certificates are verified).
+    pub url: String,
+    /// Request headers (values may hold secrets: they are masked everywhere).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Give up on one request after this long (default `30s`).
+    #[serde(default)]
+    pub timeout: Option<String>,
+    /// What the answer must be; by default any 2xx status.
+    #[serde(default)]
+    pub expect: HttpExpect,
+    /// Named values read from the JSON answer by jq expressions (as `http`'s).
+    #[serde(default)]
+    pub outputs: IndexMap<String, String>,
+    /// Try again until the expectations hold: `{until_healthy: 60s, every: 2s}`.
+    #[serde(default)]
+    pub retry: Option<HttpRetry>,
+    /// Accept any TLS certificate (a test service with a self-signed one only).
+    #[serde(default)]
+    pub insecure: bool,
+}
+
+/// The methods a check may send: those that only read.
+#[derive(Debug, Clone, Copy, Default, Deserialize, JsonSchema)]
+pub enum CheckMethod {
+    #[default]
+    #[serde(rename = "GET", alias = "get")]
+    Get,
+    #[serde(rename = "HEAD", alias = "head")]
+    Head,
+}
+
+impl CheckMethod {
+    fn as_str(self) -> &'static str {
+        match self {
+            CheckMethod::Get => "GET",
+            CheckMethod::Head => "HEAD",
+        }
+    }
+}
+
+impl HttpCheckArgs {
+    /// The same request as an `http` step: one implementation of sending and checking.
+    fn as_http(&self) -> HttpArgs {
+        HttpArgs {
+            method: self.method.as_str().to_string(),
+            url: self.url.clone(),
+            headers: self.headers.clone(),
+            json: None,
+            json_text: None,
+            timeout: self.timeout.clone(),
+            expect: self.expect.clone(),
+            outputs: self.outputs.clone(),
+            retry: self.retry.clone(),
+            writes: Some(Vec::new()),
+            insecure: self.insecure,
+        }
+    }
+}
+
+pub struct HttpCheck;
+
+impl Action for HttpCheck {
+    type Args = HttpCheckArgs;
+    const NAME: &'static str = "http-check";
+    const OUTPUTS: &'static [&'static str] = FIXED_OUTPUTS;
+    const SUMMARY: &'static str = "check a service with a GET or HEAD: status and jq expectations, named outputs, wait until healthy; read-only (plan --probe sends it, resume sends it again)";
+
+    fn effect(&self, _: &HttpCheckArgs) -> Effect {
+        Effect::ReadOnly
+    }
+
+    fn extra_outputs(&self, args: &HttpCheckArgs) -> Vec<String> {
+        args.outputs.keys().cloned().collect()
+    }
+
+    fn check_static(&self, args: &HttpCheckArgs) -> Result<(), (String, String)> {
+        Http.check_static(&args.as_http())
+    }
+
+    fn preflight(&self, args: &HttpCheckArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
+        Http.preflight(&args.as_http(), world, ctx)
+    }
+
+    fn execute(&self, args: &HttpCheckArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        Http.execute(&args.as_http(), ctx)
+    }
+
+    fn reconcile(&self, _: &HttpCheckArgs, _: &ActionCtx) -> Reconcile {
+        Reconcile::Rerun
     }
 }
 

@@ -432,6 +432,7 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &daemon::DaemonStop,
         &json::JsonCheck,
         &http::Http,
+        &http::HttpCheck,
         &services::ComposeStop,
         &services::ComposeStart,
         &services::SystemdStop,

@@ -443,3 +443,97 @@ steps:
     assert_eq!(server.request_lines()[2..], ["GET /stats", "GET /stats"]);
     assert_eq!(show_json(&sb, &id)["steps"][0]["outputs"]["chunks"], 7);
 }
+
+/// `http-check`: a read-only GET or HEAD with `http`'s expectations and outputs; the
+/// plan (with `--probe`) sends it, a method that changes things is refused by
+/// `validate`, and a check killed mid-request is sent again by resume.
+#[test]
+fn http_check_reads_probes_and_is_resent_by_resume_and_refuses_other_methods() {
+    let server = HttpServer::start(&[
+        "--route",
+        "GET",
+        "/stats",
+        "200",
+        r#"{"documents": 60, "chunks": 7}"#,
+        "--delay",
+        "1500ms",
+        "--route",
+        "HEAD",
+        "/health",
+        "200",
+        r#"{"status": "ok"}"#,
+    ]);
+    let sb = Sandbox::new();
+    with_base(
+        &sb,
+        &server,
+        r#"version: 1
+steps:
+  - id: stats
+    action: http-check
+    with:
+      url: "{base}/stats"
+      expect: {status: 200, jq: [".documents >= 10"]}
+      outputs: {documents: .documents}
+  - id: health
+    action: http-check
+    with: {method: HEAD, url: "{base}/health"}
+  - id: after
+    action: assert
+    with: {that: "steps.stats.outputs.documents == 60"}
+"#,
+    );
+    let (stats, health) = (server.url("/stats"), server.url("/health"));
+    let plan = sb.run(&["plan", "svc"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan.stdout.contains(&format!(
+            "  no change   stats   http-check: will GET {stats}\n"
+        )),
+        "{plan:?}"
+    );
+    assert!(server.requests().is_empty(), "the plan sent a request");
+    let probed = sb.run(&["plan", "svc", "--probe"]);
+    assert_eq!(probed.code, 0, "{probed:?}");
+    assert!(
+        probed.stdout.contains(&format!(
+            "  no change   stats   http-check: probed GET {stats}: 200, expectations hold\n"
+        )) && probed.stdout.contains(&format!(
+            "  no change   health  http-check: probed HEAD {health}: 200, expectations hold\n"
+        )),
+        "{probed:?}"
+    );
+    assert_eq!(server.request_lines(), ["GET /stats", "HEAD /health"]);
+
+    // Killed while the (slow) GET is answered: resume sends it again, asking no one.
+    let (mut child, id) = start(&sb);
+    sb.wait_for("the GET to arrive", || server.requests().len() == 3);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = sb.run(&["resume", &id]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(
+        server.request_lines(),
+        [
+            "GET /stats",
+            "HEAD /health",
+            "GET /stats",
+            "GET /stats",
+            "HEAD /health"
+        ]
+    );
+    assert_eq!(show_json(&sb, &id)["steps"][0]["outputs"]["documents"], 60);
+
+    // A check never changes anything: a POST is refused before anything runs.
+    sb.write(
+        "runbooks/post.yaml",
+        "version: 1\nsteps:\n  - id: c\n    action: http-check\n    with: {method: POST, url: \"http://127.0.0.1:1/x\"}\n",
+    );
+    let r = sb.run(&["validate", "post"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr.contains("runbooks/post.yaml:5:20: error: ")
+            && r.stderr.contains("unknown variant `POST`, expected one of `GET`, `get`, `HEAD`, `head` (step `c`, field `steps[0].with.method`)"),
+        "{r:?}"
+    );
+}

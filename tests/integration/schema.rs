@@ -41,6 +41,7 @@ fn schema_file_matches_the_code() {
             "daemon-stop",
             "json-check",
             "http",
+            "http-check",
             "compose-stop",
             "compose-start",
             "systemd-stop",
