@@ -103,6 +103,11 @@ pub fn dispatch(cli: &Cli) -> Exit {
     };
     let result = match &cli.command {
         Command::List => app.list(),
+        Command::Completions { shell } => printed(crate::cli::write_completions(
+            *shell,
+            &mut std::io::stdout(),
+        )),
+        Command::Man => printed(crate::cli::write_man(&mut std::io::stdout())),
         Command::Validate { targets } => app.validate(targets),
         Command::Plan { name, inputs } => app.plan(name, inputs),
         Command::Run {
@@ -152,6 +157,14 @@ pub fn dispatch(cli: &Cli) -> Exit {
             e.exit()
         }
     }
+}
+
+/// A command that only prints: its write error (a closed pipe ends it quietly before
+/// this, see `cli::run`) is the engine's own.
+fn printed(written: std::io::Result<()>) -> Result<Exit, AppError> {
+    written
+        .map(|()| Exit::Success)
+        .map_err(|e| AppError::Internal(format!("cannot write to stdout: {e}")))
 }
 
 fn default_state_dir() -> PathBuf {

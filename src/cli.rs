@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
+use clap_complete::engine::{ArgValueCompleter, CompletionCandidate};
 
 use crate::render::Format;
 
@@ -82,6 +83,7 @@ pub enum Command {
     /// Dry-run: render every value and judge every step read-only. Writes nothing.
     Plan {
         /// Runbook name or file.
+        #[arg(add = ArgValueCompleter::new(complete_runbook_name))]
         name: String,
         #[command(flatten)]
         inputs: Inputs,
@@ -89,6 +91,7 @@ pub enum Command {
     /// Run a runbook (after a dry-run that must pass).
     Run {
         /// Runbook name or file.
+        #[arg(add = ArgValueCompleter::new(complete_runbook_name))]
         name: String,
         #[command(flatten)]
         inputs: Inputs,
@@ -163,9 +166,99 @@ pub enum Command {
         #[command(flatten)]
         inputs: Inputs,
     },
+    /// Print a shell completion script: `runbook completions bash >
+    /// /etc/bash_completion.d/runbook` (zsh: a file in $fpath; fish:
+    /// ~/.config/fish/completions/runbook.fish). It completes subcommands, options and
+    /// the names of runbooks (`runbook run atocore/<TAB>`) from RUNBOOK_PATH or ./runbooks.
+    Completions {
+        #[arg(value_enum)]
+        shell: CompletionShell,
+    },
+    /// Print the manual page (roff): `runbook man > /usr/local/share/man/man1/runbook.1`.
+    Man,
+}
+
+/// The shells `runbook completions` writes for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CompletionShell {
+    Bash,
+    Zsh,
+    Fish,
+}
+
+/// The environment variable the completion scripts set when they ask this program for
+/// candidates (clap's dynamic completion protocol).
+const COMPLETE_VAR: &str = "RUNBOOK_COMPLETE";
+
+/// The names of the runbooks on the search path (`RUNBOOK_PATH`, else `./runbooks`)
+/// that start with what was typed. A shell cannot know `--path` yet, so the variable
+/// and the default are what it looks at.
+fn complete_runbook_name(current: &std::ffi::OsStr) -> Vec<CompletionCandidate> {
+    let Some(typed) = current.to_str() else {
+        return Vec::new();
+    };
+    let search_path = match std::env::var_os("RUNBOOK_PATH") {
+        Some(p) => std::env::split_paths(&p).collect(),
+        None => vec![PathBuf::from("runbooks")],
+    };
+    crate::catalog::Catalog { search_path }
+        .list()
+        .into_iter()
+        .filter(|l| l.name.starts_with(typed))
+        .map(|l| CompletionCandidate::new(l.name))
+        .collect()
+}
+
+/// `runbook completions SHELL`: the script that registers this program's completion.
+pub fn write_completions(
+    shell: CompletionShell,
+    out: &mut dyn std::io::Write,
+) -> std::io::Result<()> {
+    let name = match shell {
+        CompletionShell::Bash => "bash",
+        CompletionShell::Zsh => "zsh",
+        CompletionShell::Fish => "fish",
+    };
+    let completer = std::env::current_exe()
+        .map(|p| p.display().to_string())
+        .unwrap_or_else(|_| "runbook".into());
+    let shells = clap_complete::env::Shells::builtins();
+    let script = shells
+        .completer(name)
+        .ok_or_else(|| std::io::Error::other(format!("no completer for {name}")))?;
+    script.write_registration(COMPLETE_VAR, "runbook", "runbook", &completer, out)
+}
+
+/// `runbook man`: one manual page, from the same definitions as `--help`: the global
+/// options, then every subcommand with its synopsis and options (no separate
+/// `runbook-run(1)` pages to install), then the examples and exit codes.
+pub fn write_man(out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let mut cmd = Cli::command();
+    cmd.build();
+    let man = clap_mangen::Man::new(cmd.clone());
+    man.render_title(out)?;
+    man.render_name_section(out)?;
+    man.render_synopsis_section(out)?;
+    man.render_description_section(out)?;
+    man.render_options_section(out)?;
+    for sub in cmd.get_subcommands().filter(|s| s.get_name() != "help") {
+        writeln!(out, ".SH \"RUNBOOK {}\"", sub.get_name().to_uppercase())?;
+        let page = clap_mangen::Man::new(sub.clone());
+        page.render_synopsis_section(out)?;
+        page.render_description_section(out)?;
+        if sub.get_arguments().any(|a| !a.is_hide_set()) {
+            page.render_options_section(out)?;
+        }
+    }
+    man.render_extra_section(out)?;
+    man.render_version_section(out)
 }
 
 pub fn run() -> i32 {
+    // A completion script asking for candidates: answer and exit.
+    clap_complete::CompleteEnv::with_factory(Cli::command)
+        .var(COMPLETE_VAR)
+        .complete();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -184,6 +277,8 @@ pub fn run() -> i32 {
             | Command::Runs { .. }
             | Command::Show { .. }
             | Command::Schema
+            | Command::Completions { .. }
+            | Command::Man
     ) {
         // Commands that only print end quietly when their reader goes away
         // (`runbook plan --format json | head`), as `cat` does, instead of panicking on

@@ -5,6 +5,7 @@ mod support;
 mod adversarial;
 mod atocore;
 mod atocore_standin;
+mod completions;
 mod daemon;
 mod drill;
 mod dry_run;
