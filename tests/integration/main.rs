@@ -20,6 +20,7 @@ mod json;
 mod offsite;
 mod offsite_host;
 mod retention;
+mod schedule;
 mod schema;
 mod services;
 mod sqlite;
