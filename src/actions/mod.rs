@@ -198,7 +198,7 @@ fn parse_args<T: DeserializeOwned>(args: &serde_json::Value) -> Result<T, String
                 format!("invalid argument `{path}`: {inner}")
             }
         };
-        let Some(slot) = json_at(&mut args, &path) else {
+        let Some(slot) = value_at(&mut args, &path) else {
             return Err(describe());
         };
         let Some(text) = slot.as_str().map(str::to_string) else {
@@ -367,29 +367,40 @@ pub fn is_whole_template(s: &str) -> bool {
     t.starts_with("{{") && t.ends_with("}}") && t.matches("{{").count() == 1
 }
 
-/// The value at a serde_path_to_error path (`argv`, `env.KEY`, `items[2]`).
-fn value_at<'v>(root: &'v mut serde_yaml::Value, path: &str) -> Option<&'v mut serde_yaml::Value> {
-    let mut cur = root;
-    for (key, index) in path_parts(path) {
-        if let Some(key) = key {
-            cur = cur.get_mut(key)?;
-        }
-        if let Some(i) = index {
-            cur = cur.get_mut(i)?;
-        }
-    }
-    Some(cur)
+/// A document tree a path can walk: the raw (YAML) arguments and the rendered (JSON)
+/// ones, so one walk serves both.
+trait Tree: Sized {
+    fn key_mut(&mut self, key: &str) -> Option<&mut Self>;
+    fn index_mut(&mut self, index: usize) -> Option<&mut Self>;
 }
 
-/// As [`value_at`], in rendered (JSON) arguments.
-fn json_at<'v>(root: &'v mut serde_json::Value, path: &str) -> Option<&'v mut serde_json::Value> {
+impl Tree for serde_yaml::Value {
+    fn key_mut(&mut self, key: &str) -> Option<&mut Self> {
+        self.get_mut(key)
+    }
+    fn index_mut(&mut self, index: usize) -> Option<&mut Self> {
+        self.get_mut(index)
+    }
+}
+
+impl Tree for serde_json::Value {
+    fn key_mut(&mut self, key: &str) -> Option<&mut Self> {
+        self.get_mut(key)
+    }
+    fn index_mut(&mut self, index: usize) -> Option<&mut Self> {
+        self.get_mut(index)
+    }
+}
+
+/// The value at a serde_path_to_error path (`argv`, `env.KEY`, `items[2]`).
+fn value_at<'v, T: Tree>(root: &'v mut T, path: &str) -> Option<&'v mut T> {
     let mut cur = root;
     for (key, index) in path_parts(path) {
         if let Some(key) = key {
-            cur = cur.get_mut(key)?;
+            cur = cur.key_mut(key)?;
         }
         if let Some(i) = index {
-            cur = cur.get_mut(i)?;
+            cur = cur.index_mut(i)?;
         }
     }
     Some(cur)
