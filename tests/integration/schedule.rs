@@ -40,6 +40,12 @@ const JOBS: &[(&str, &str, &str, &str)] = &[
         "30 3 * * 0",
     ),
     (
+        "atocore-offsite",
+        "run atocore/offsite --set stamp=latest --vars /etc/runbook/atocore.yaml --yes --format json",
+        "*-*-* 03:45:00",
+        "45 3 * * *",
+    ),
+    (
         "atocore-retention",
         "run atocore/retention --vars /etc/runbook/atocore.yaml --yes --format json",
         "*-*-* 04:00:00",
@@ -203,10 +209,18 @@ fn the_units_are_the_jobs_the_procedure_schedules_and_report_failure() {
         ["atocore-backup-daily.service"]
     );
     assert_eq!(
-        after("atocore-retention"),
+        after("atocore-offsite"),
         [
             "atocore-backup-daily.service",
             "atocore-backup-weekly.service"
+        ]
+    );
+    assert_eq!(
+        after("atocore-retention"),
+        [
+            "atocore-backup-daily.service",
+            "atocore-backup-weekly.service",
+            "atocore-offsite.service"
         ]
     );
     assert_eq!(
@@ -214,6 +228,7 @@ fn the_units_are_the_jobs_the_procedure_schedules_and_report_failure() {
         [
             "atocore-backup-daily.service",
             "atocore-backup-weekly.service",
+            "atocore-offsite.service",
             "atocore-retention.service"
         ]
     );
@@ -548,6 +563,23 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
         "drill_service_argv": [TESTKIT, "atocore-standin", "--root", drill_dir.join("atocore"), "--listen", drill_addr],
     });
     std::fs::write(&drill_vars, serde_yaml::to_string(&drill).unwrap()).unwrap();
+    // The off-site job plans against a real off-site host (its plan lists the remote).
+    let host = crate::support::OffsiteHost::start();
+    let key = Command::new(TESTKIT)
+        .args(["age-keygen", d.join("age.key").to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(key.status.success(), "{key:?}");
+    let offsite_vars = d.join("offsite.yaml");
+    std::fs::write(
+        &offsite_vars,
+        format!(
+            "{}age_recipients: [\"{}\"]\n",
+            host.vars_yaml(),
+            text(&key.stdout).trim()
+        ),
+    )
+    .unwrap();
     let keys = |path: &Path| -> BTreeSet<String> {
         let map: serde_yaml::Mapping =
             serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -628,7 +660,7 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
 
     let mut planned = BTreeMap::<String, usize>::new();
     for (source, stem, words) in &commands {
-        let args = as_plan(words, &[&sandbox_vars, &drill_vars]);
+        let args = as_plan(words, &[&sandbox_vars, &drill_vars, &offsite_vars]);
         let r = runbook(d, &args);
         assert_eq!(r.code, 0, "{source}: {args:?}\n{r:?}");
         let plan: Json =
@@ -649,6 +681,15 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
                 assert_eq!(plan["params"]["include_chroma"], true, "{source}")
             }
             ("atocore-retention", "atocore/retention") => {}
+            ("atocore-offsite", "atocore/offsite") => {
+                assert_eq!(plan["vars"]["resolved"], stamp.as_str(), "{source}");
+                let push = &plan["steps"][1];
+                assert_eq!(
+                    (push["id"].as_str(), push["verdict"].as_str()),
+                    (Some("push"), Some("will-change")),
+                    "{source}"
+                );
+            }
             ("atocore-drill", "atocore/drill") => {
                 assert_eq!(plan["params"]["stamp"], "latest", "{source}");
                 assert_eq!(plan["vars"]["resolved"], stamp.as_str(), "{source}");
@@ -667,11 +708,17 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
         BTreeMap::from([
             ("atocore/backup".to_string(), 4),
             ("atocore/drill".into(), 2),
+            ("atocore/offsite".into(), 2),
             ("atocore/retention".into(), 2),
         ])
     );
-    // Plans write nothing: no new or pruned snapshot, no scratch copy.
+    // Plans write nothing: no new or pruned snapshot, no scratch copy, nothing off-site.
     assert_eq!(snapshot_names(d), BTreeSet::from([stamp]));
+    assert_eq!(
+        std::fs::read_dir(&host.repo_dir).unwrap().count(),
+        0,
+        "a plan wrote off-site"
+    );
     assert!(!drill_dir.exists());
 
     let stop = runbook(
