@@ -397,6 +397,10 @@ fn recover_refuses_a_wrong_identity_a_missing_var_and_damage_before_touching_liv
         "the refusal does not name object {id}: {r:?}"
     );
     assert!(
+        r.stdout.contains("An older snapshot may be whole: `offsite-list` (atocore/offsite-list) shows which are still verified"),
+        "the refusal does not say what to do next: {r:?}"
+    );
+    assert!(
         !new.db().exists() && !new.chroma().exists(),
         "live paths written"
     );

@@ -320,12 +320,24 @@ impl Action for OffsiteFetch {
                 Verdict::WillChange(text)
             }
             Err(fetch::Planned::Done(text)) => Verdict::NoChange(text),
-            Err(fetch::Planned::Fails(e)) => Verdict::WouldFail(e),
+            Err(fetch::Planned::Fails(e)) => Verdict::WouldFail(next_step(e)),
         }
     }
 
     fn execute(&self, args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
-        fetch::run(args, ctx).map_err(ActionError::Failed)
+        fetch::run(args, ctx).map_err(|e| ActionError::Failed(next_step(e)))
+    }
+}
+
+/// A refused snapshot says what to do next: another snapshot may still be whole, and
+/// the operator who lost a host needs the command that tells.
+fn next_step(error: String) -> String {
+    if error.starts_with("refusing snapshot ") {
+        format!(
+            "{error}. An older snapshot may be whole: `offsite-list` (atocore/offsite-list) shows which are still verified; fetch one of those by its stamp"
+        )
+    } else {
+        error
     }
 }
 
