@@ -18,7 +18,7 @@ use rusqlite::{Connection, OpenFlags};
 use serde_json::{Value as Json, json};
 use sha2::{Digest, Sha256};
 
-use crate::support::{docker_ok, free_port, image, tree_digest};
+use crate::support::{ServiceGuard, docker_ok, free_port, image, tree_digest};
 
 const RUNBOOK: &str = env!("CARGO_BIN_EXE_runbook");
 const TESTKIT: &str = env!("CARGO_BIN_EXE_runbook-testkit");
@@ -91,19 +91,6 @@ impl Outcome {
             .as_str()
             .unwrap_or_else(|| panic!("no error: {self:?}"))
             .to_string()
-    }
-}
-
-/// Kills the process a pidfile records (checked by its start time) when dropped, so a
-/// failing test leaves no service running.
-struct ServiceGuard(PathBuf);
-
-impl Drop for ServiceGuard {
-    fn drop(&mut self) {
-        if let Some(pid) = runbook::actions::daemon::running(&self.0) {
-            // SAFETY: kill(2) on the pid the pidfile records, checked to be that process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
     }
 }
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value as Json, json};
 
-use crate::support::free_port;
+use crate::support::{Run, ServiceGuard, free_port};
 
 const RUNBOOK: &str = env!("CARGO_BIN_EXE_runbook");
 const TESTKIT: &str = env!("CARGO_BIN_EXE_runbook-testkit");
@@ -456,37 +456,8 @@ fn the_crontab_runs_the_same_commands_as_the_timers() {
 
 // ------------------------------------------- every scheduled command, planned
 
-/// Kills the sandbox's service (the pidfile's process, checked by its start time) when
-/// dropped, so a failing test leaves none behind.
-struct ServiceGuard(PathBuf);
-
-impl Drop for ServiceGuard {
-    fn drop(&mut self) {
-        if let Some(pid) = runbook::actions::daemon::running(&self.0) {
-            // SAFETY: kill(2) on the pid the pidfile records, checked to be that process.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-        }
-    }
-}
-
-struct Outcome {
-    code: i32,
-    stdout: String,
-    stderr: String,
-}
-
-impl std::fmt::Debug for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "exit {}\n--- stdout\n{}--- stderr\n{}",
-            self.code, self.stdout, self.stderr
-        )
-    }
-}
-
 /// `runbook --path <repo>/runbooks ARGS` in `dir`, the journal in `dir/state`.
-fn runbook(dir: &Path, args: &[String]) -> Outcome {
+fn runbook(dir: &Path, args: &[String]) -> Run {
     let mut c = Command::new(RUNBOOK);
     c.arg("--path")
         .arg(RUNBOOKS)
@@ -498,12 +469,26 @@ fn runbook(dir: &Path, args: &[String]) -> Outcome {
     for var in ["http_proxy", "https_proxy", "all_proxy"] {
         c.env_remove(var).env_remove(var.to_ascii_uppercase());
     }
-    let o = c.output().expect("run runbook");
-    Outcome {
-        code: o.status.code().unwrap_or(-1),
-        stdout: text(&o.stdout),
-        stderr: text(&o.stderr),
-    }
+    c.output().expect("run runbook").into()
+}
+
+/// `atocore/service` to `state` on the sandbox whose vars file is `vars`.
+fn service(dir: &Path, vars: &str, state: &str) -> Run {
+    let state = format!("state={state}");
+    runbook(
+        dir,
+        &strings(&[
+            "run",
+            "atocore/service",
+            "--vars",
+            vars,
+            "--set",
+            &state,
+            "--yes",
+            "--format",
+            "json",
+        ]),
+    )
 }
 
 fn strings(args: &[&str]) -> Vec<String> {
@@ -599,20 +584,7 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
     // The service the runbooks check, and one snapshot with the vector store for
     // retention and the drill.
     let vars = sandbox_vars.display().to_string();
-    let start = runbook(
-        d,
-        &strings(&[
-            "run",
-            "atocore/service",
-            "--vars",
-            &vars,
-            "--set",
-            "state=started",
-            "--yes",
-            "--format",
-            "json",
-        ]),
-    );
+    let start = service(d, &vars, "started");
     assert_eq!(start.code, 0, "{start:?}");
     assert!(runbook::actions::daemon::running(&pidfile).is_some());
     let backup = runbook(
@@ -721,20 +693,7 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
     );
     assert!(!drill_dir.exists());
 
-    let stop = runbook(
-        d,
-        &strings(&[
-            "run",
-            "atocore/service",
-            "--vars",
-            &vars,
-            "--set",
-            "state=stopped",
-            "--yes",
-            "--format",
-            "json",
-        ]),
-    );
+    let stop = service(d, &vars, "stopped");
     assert_eq!(stop.code, 0, "{stop:?}");
     assert!(runbook::actions::daemon::running(&pidfile).is_none());
 }

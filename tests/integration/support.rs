@@ -163,6 +163,19 @@ pub fn tree_digest(root: &Path) -> BTreeMap<PathBuf, String> {
     out
 }
 
+/// Kills the process a pidfile records (checked by its start time) when dropped, so a
+/// failing test leaves no service running.
+pub struct ServiceGuard(pub PathBuf);
+
+impl Drop for ServiceGuard {
+    fn drop(&mut self) {
+        if let Some(pid) = runbook::actions::daemon::running(&self.0) {
+            // SAFETY: kill(2) on the pid the pidfile records, checked to be that process.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// Names, types, modes, owners, sizes and contents below each of `dirs` of `root`, keyed
 /// by the path from `root`; times are left out, so two sandboxes built at different
 /// instants (an interrupted and resumed run, an uninterrupted one) compare equal when
