@@ -349,20 +349,14 @@ impl RunStatusArg {
     }
 }
 
-/// `30m`, `24h`, `7d`, `90s`: how far back `runbook runs --since` looks.
+/// `30m`, `24h`, `7d`, `90s`: how far back `runbook runs --since` looks (the engine's
+/// duration syntax, as for a step's `timeout`), at most a century.
 fn parse_since(text: &str) -> Result<chrono::Duration, String> {
-    let bad = || format!("`{text}` is not a duration: give a number and s, m, h or d (24h, 7d)");
-    let (number, unit) = text.split_at(text.len().saturating_sub(1));
-    let n: i64 = number.parse().map_err(|_| bad())?;
-    let seconds = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => return Err(bad()),
-    };
-    n.checked_mul(seconds)
-        .filter(|s| *s >= 0 && *s <= 100 * 365 * 86_400)
-        .map(chrono::Duration::seconds)
-        .ok_or_else(bad)
+    crate::actions::parse_duration(text)
+        .ok()
+        .filter(|d| d.as_secs() <= 100 * 365 * 86_400)
+        .and_then(|d| chrono::Duration::from_std(d).ok())
+        .ok_or_else(|| {
+            format!("`{text}` is not a duration: give a number and s, m, h or d (24h, 7d)")
+        })
 }

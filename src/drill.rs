@@ -428,12 +428,16 @@ pub fn text_summary(r: &DrillReport) -> String {
 /// cannot: they need root (a network namespace), Debian's sshd, iproute2, the ssh
 /// client and rsync.
 pub fn offsite_unavailable() -> Option<String> {
+    // Found as the engine finds a step's program (execvp's rules), on the real system.
+    let runs = |program: &str| {
+        crate::actions::process::find_program(program, &crate::world::World::default()).is_ok()
+    };
     let mut missing = Vec::new();
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         missing.push("root (a network namespace for the host)".to_string());
     }
-    if !Path::new("/usr/sbin/sshd").is_file() {
+    if !runs("/usr/sbin/sshd") {
         missing.push("/usr/sbin/sshd (apt-get install openssh-server)".to_string());
     }
     for (tool, package) in [
@@ -441,21 +445,11 @@ pub fn offsite_unavailable() -> Option<String> {
         ("ssh", "openssh-client"),
         ("rsync", "rsync"),
     ] {
-        if !on_path(tool) {
+        if !runs(tool) {
             missing.push(format!("{tool} (apt-get install {package})"));
         }
     }
     (!missing.is_empty()).then(|| format!("off-site stages need {}", missing.join(", ")))
-}
-
-fn on_path(program: &str) -> bool {
-    use std::os::unix::fs::PermissionsExt;
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| {
-            std::fs::metadata(dir.join(program))
-                .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-        })
-    })
 }
 
 /// JUnit XML, for CI systems: one testcase per stage.
