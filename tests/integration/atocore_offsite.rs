@@ -434,6 +434,23 @@ fn recover_refuses_a_wrong_identity_a_missing_var_and_damage_before_touching_liv
     );
     std::fs::write(&manifest, &whole).unwrap();
 
+    // The off-site host unreachable (its link cut): the plan and the run fail naming
+    // it, and nothing reaches the live paths; with the link back, recovery goes on.
+    host.link_down();
+    let p = plan(&new, &off, "atocore/recover", &[]);
+    let r = run(&new, &off, "atocore/recover", &["--yes"]);
+    host.link_up();
+    assert_eq!(p.code, 3, "{p:?}");
+    let steps = verdicts(&p.json()["steps"]);
+    let fetch = steps.iter().find(|s| s.0 == "fetch").unwrap();
+    assert_eq!(fetch.1, "would-fail", "{p:?}");
+    assert!(fetch.2.contains(&host.host), "{fetch:?}");
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        !new.db().exists() && !new.chroma().exists(),
+        "live paths written"
+    );
+
     // Repaired, the same new host recovers.
     let r = run(&new, &off, "atocore/recover", &["--yes"]);
     assert_eq!(r.code, 0, "{r:?}");
