@@ -31,6 +31,8 @@ enum AppError {
     PlanRefused { step: String, message: String },
     #[error("{0}")]
     Internal(String),
+    #[error(transparent)]
+    Fleet(Box<crate::fleet::FleetError>),
 }
 
 impl AppError {
@@ -39,6 +41,7 @@ impl AppError {
             AppError::Load(LoadError::Io { .. }) | AppError::Internal(_) => Exit::Internal,
             AppError::Load(_) | AppError::Invalid(_) => Exit::Invalid,
             AppError::Refused(_) | AppError::PlanRefused { .. } => Exit::Refused,
+            AppError::Fleet(e) => e.exit(),
         }
     }
 }
@@ -123,8 +126,11 @@ pub fn dispatch(cli: &Cli) -> Exit {
             name,
             inputs,
             no_rollback,
+            run_id,
             ..
-        } => app.run(name, inputs, *no_rollback),
+        } => app.run(name, inputs, *no_rollback, run_id.as_deref()),
+        Command::Fleet { command } => crate::fleet::dispatch(cli, command, &app.state_dir)
+            .map_err(|e| AppError::Fleet(Box::new(e))),
         Command::Resume {
             run_id,
             inputs,
@@ -177,7 +183,7 @@ fn default_state_dir() -> PathBuf {
     }
 }
 
-fn new_run_id() -> String {
+pub(crate) fn new_run_id() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 3];
     let random = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes));
@@ -202,6 +208,10 @@ impl App<'_> {
             let body = match e {
                 AppError::Load(LoadError::Invalid(diags)) => {
                     serde_json::json!({"error": "invalid runbook", "diagnostics": diags})
+                }
+                // The step, too: the fleet controller names it for the host.
+                AppError::PlanRefused { step, message } => {
+                    serde_json::json!({"error": message, "step": step})
                 }
                 other => serde_json::json!({"error": other.to_string()}),
             };
@@ -323,6 +333,7 @@ impl App<'_> {
         probe: bool,
     ) -> Result<(crate::plan::Plan, Frame, ParamInputs), AppError> {
         let rb = self.load(name)?;
+        self.check_digest(&rb)?;
         let assume_yes = inputs.yes;
         let inputs = self.inputs(inputs)?;
         let inherited = Inherited::for_run(&rb, &inputs);
@@ -336,6 +347,20 @@ impl App<'_> {
         };
         let plan = planner.plan(rb, frame.clone());
         Ok((plan, frame, inputs))
+    }
+
+    /// `--expect-digest`: the runbook's files are the ones the fleet controller sent.
+    fn check_digest(&self, rb: &Runbook) -> Result<(), AppError> {
+        let Some(expected) = &self.cli.expect_digest else {
+            return Ok(());
+        };
+        let found = crate::fleet::bundle::digest_of(rb, &self.catalog.search_path);
+        if &found != expected {
+            return Err(AppError::Refused(format!(
+                "the runbook files here have digest {found}, not {expected} as the fleet controller expects: they were changed on this host"
+            )));
+        }
+        Ok(())
     }
 
     fn plan(&self, name: &str, inputs: &Inputs) -> Result<Exit, AppError> {
@@ -403,8 +428,14 @@ impl App<'_> {
         }
     }
 
-    fn run(&self, name: &str, inputs: &Inputs, no_rollback: bool) -> Result<Exit, AppError> {
-        let outcome = self.run_observed(name, inputs, no_rollback, None)?;
+    fn run(
+        &self,
+        name: &str,
+        inputs: &Inputs,
+        no_rollback: bool,
+        run_id: Option<&str>,
+    ) -> Result<Exit, AppError> {
+        let outcome = self.run_observed(name, inputs, no_rollback, None, run_id)?;
         Ok(exit_for(outcome.status, outcome.stop.as_ref()))
     }
 
@@ -416,6 +447,7 @@ impl App<'_> {
         inputs: &Inputs,
         no_rollback: bool,
         observer: Option<&mut dyn EventSink>,
+        given_run_id: Option<&str>,
     ) -> Result<crate::executor::Outcome, AppError> {
         let assume_yes = inputs.yes;
         let (plan, mut frame, inputs) = self.prepare(name, inputs, false)?;
@@ -434,9 +466,14 @@ impl App<'_> {
             });
         }
         let rb = frame.runbook.clone();
-        let run_id = new_run_id();
+        let run_id = given_run_id.map_or_else(new_run_id, str::to_string);
         let _locks = self.acquire(&rb, &run_id)?;
         let journal = Journal::open(&self.state_dir)?;
+        if given_run_id.is_some() && journal.run(&run_id).is_ok() {
+            return Err(AppError::Refused(format!(
+                "run {run_id} is in the journal already; `runbook resume {run_id}` continues it"
+            )));
+        }
         tracing::debug!(journal = %self.state_dir.display(), run_id, "run starting");
         let header = RunHeader {
             run_id: run_id.clone(),
@@ -890,7 +927,7 @@ impl App<'_> {
                 set,
                 yes: true,
             };
-            match sandboxed.run_observed(CYCLE, &inputs, false, Some(&mut report)) {
+            match sandboxed.run_observed(CYCLE, &inputs, false, Some(&mut report), None) {
                 Ok(_) => {}
                 Err(AppError::PlanRefused { step, message }) => {
                     let why = message.lines().next().unwrap_or_default();

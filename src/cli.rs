@@ -53,6 +53,10 @@ pub struct Cli {
     /// their status (other methods are never sent by a dry-run).
     #[arg(long, global = true)]
     pub probe: bool,
+    /// Refuse (exit 3) unless the runbook's files have this digest (the fleet
+    /// controller's check that a host runs the files it sent).
+    #[arg(long, global = true, hide = true, value_name = "SHA256")]
+    pub expect_digest: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -60,7 +64,8 @@ pub struct Cli {
 #[derive(Debug, Args, Clone)]
 pub struct Inputs {
     /// A YAML file of param values (deployment paths, URLs, owners). Repeatable; later
-    /// files win. Keys the runbook does not declare are ignored.
+    /// files win. Keys the runbook does not declare are ignored. `-` reads one from
+    /// standard input (for secrets: stdin is not visible in `ps`).
     #[arg(long = "vars", value_name = "FILE")]
     pub vars: Vec<PathBuf>,
     /// Set one param (repeatable); wins over --vars.
@@ -101,6 +106,10 @@ pub enum Command {
         /// Do not run the rollback section when a step fails.
         #[arg(long)]
         no_rollback: bool,
+        /// The run's id, chosen by the fleet controller so that it is on record before
+        /// the run starts.
+        #[arg(long, hide = true, value_name = "ID", value_parser = parse_run_id)]
+        run_id: Option<String>,
     },
     /// Continue a failed or interrupted run with its frozen values.
     Resume {
@@ -173,6 +182,13 @@ pub enum Command {
     Completions {
         #[arg(value_enum)]
         shell: CompletionShell,
+    },
+    /// The same runbook on many hosts over SSH: `fleet plan`, `fleet run`, `fleet runs`,
+    /// `fleet show`, `fleet resume`. Each host keeps its own journal; see `runbook fleet
+    /// --help`.
+    Fleet {
+        #[command(subcommand)]
+        command: crate::fleet::cli::FleetCommand,
     },
     /// Print the manual page (roff): `runbook man > /usr/local/share/man/man1/runbook.1`.
     Man,
@@ -279,6 +295,11 @@ pub fn run() -> i32 {
             | Command::Schema
             | Command::Completions { .. }
             | Command::Man
+            | Command::Fleet {
+                command: crate::fleet::cli::FleetCommand::Plan { .. }
+                    | crate::fleet::cli::FleetCommand::Runs
+                    | crate::fleet::cli::FleetCommand::Show { .. }
+            }
     ) {
         // Commands that only print end quietly when their reader goes away
         // (`runbook plan --format json | head`), as `cat` does, instead of panicking on
@@ -359,4 +380,19 @@ fn parse_since(text: &str) -> Result<chrono::Duration, String> {
         .ok_or_else(|| {
             format!("`{text}` is not a duration: give a number and s, m, h or d (24h, 7d)")
         })
+}
+
+/// A run id as `new_run_id` makes them (`20261203T081500Z-1a2b3c`): letters, digits
+/// and `-` only, since it names journal rows and lock holders.
+pub fn parse_run_id(text: &str) -> Result<String, String> {
+    let ok = !text.is_empty()
+        && text.len() <= 64
+        && text.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    if ok {
+        Ok(text.to_string())
+    } else {
+        Err(format!(
+            "`{text}` is not a run id (letters, digits and `-`, at most 64)"
+        ))
+    }
 }

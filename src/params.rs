@@ -49,10 +49,24 @@ impl ParamInputs {
 
     /// Reads a vars file: a YAML mapping of param names to values.
     pub fn add_file(&mut self, path: &Path) -> Result<(), ParamError> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            ParamError::Invalid(format!("cannot read vars file {}: {e}", path.display()))
-        })?;
-        let src = SourceFile::new(path, text);
+        let text = if path == Path::new("-") {
+            // `--vars -`: the fleet controller sends a host's values (secrets among
+            // them) this way, so that none of them is in the process's argv.
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)
+                .map(|_| text)
+                .map_err(|e| ParamError::Invalid(format!("cannot read vars from stdin: {e}")))?
+        } else {
+            std::fs::read_to_string(path).map_err(|e| {
+                ParamError::Invalid(format!("cannot read vars file {}: {e}", path.display()))
+            })?
+        };
+        let label = if path == Path::new("-") {
+            Path::new("<stdin>")
+        } else {
+            path
+        };
+        let src = SourceFile::new(label, text);
         src.check_nesting().map_err(|pos| {
             ParamError::File(vec![Diagnostic::at(
                 &src,

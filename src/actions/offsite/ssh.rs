@@ -103,6 +103,7 @@ impl<'a> Remote<'a> {
             format!("UserKnownHostsFile={}", r.known_hosts.display()),
             "GlobalKnownHostsFile=/dev/null".to_string(),
             "ConnectTimeout=10".to_string(),
+            // A dropped link is noticed within 15 s, not at TCP's timeout.
             "ServerAliveInterval=5".to_string(),
             "ServerAliveCountMax=3".to_string(),
             // No ~/.ssh/config of the operator changes what these arguments say.
@@ -192,6 +193,66 @@ impl<'a> Remote<'a> {
             code,
             detail,
         })
+    }
+
+    /// Runs `sh -c SCRIPT sh ARGS...` on the remote like [`Remote::run`], but hands
+    /// each line of its stdout to `on_line` as it arrives (a fleet host's events), and
+    /// returns the remote's exit code and the tail of its stderr. Only a failure of
+    /// the connection itself (ssh's 255) is an error.
+    pub fn run_lines(
+        &self,
+        script: &str,
+        args: &[&str],
+        stdin: &[u8],
+        on_line: &mut dyn FnMut(&str),
+    ) -> Result<(i32, String), SshError> {
+        let mut remote = vec!["sh", "-c", script, "sh"];
+        remote.extend_from_slice(args);
+        let mut argv = self.ssh_options();
+        argv.push(self.destination());
+        argv.push("--".into());
+        argv.push(quote_argv(&remote));
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| SshError::Spawn {
+                program: "ssh".into(),
+                source,
+            })?;
+        let mut input = child.stdin.take().expect("piped stdin");
+        let data = stdin.to_vec();
+        let writer = std::thread::spawn(move || {
+            let _ = input.write_all(&data);
+        });
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let err_reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stderr.read_to_end(&mut s);
+            s
+        });
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        for line in std::io::BufRead::lines(stdout) {
+            match line {
+                Ok(line) => on_line(&line),
+                Err(_) => break,
+            }
+        }
+        let status = child.wait().map_err(|source| SshError::Spawn {
+            program: "ssh".into(),
+            source,
+        })?;
+        let _ = writer.join();
+        let err = err_reader.join().unwrap_or_default();
+        match status.code() {
+            Some(255) | None => Err(SshError::Unreachable {
+                target: self.target(),
+                detail: last_lines(&err),
+            }),
+            Some(code) => Ok((code, last_lines(&err))),
+        }
     }
 
     /// The `-e` value for rsync: the ssh argv, each word quoted (rsync splits it as a
