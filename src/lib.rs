@@ -7,6 +7,7 @@ pub mod drill;
 pub mod events;
 pub mod executor;
 pub mod exit;
+pub mod fleet;
 pub mod frame;
 pub mod journal;
 pub mod jq;

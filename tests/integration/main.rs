@@ -12,6 +12,7 @@ mod dry_run;
 mod errors;
 mod expect_failure;
 mod files;
+mod fleet;
 mod gates;
 mod http;
 mod interrupted;

@@ -1,0 +1,117 @@
+//! What the controller sends each host: the runbook's files (it and every runbook it
+//! calls), named relative to the search-path directory they were found in, and the
+//! digest over them that both sides compute the same way.
+
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::FleetError;
+use crate::load::Runbook;
+
+#[derive(Debug, Clone)]
+pub struct Bundle {
+    /// The runbook's name (`atocore/backup`).
+    pub name: String,
+    /// sha256 over the relative paths and texts.
+    pub digest: String,
+    /// (path relative to the search-path directory, text), in the order the runbook
+    /// reads them.
+    pub files: Vec<(PathBuf, String)>,
+}
+
+/// `path` relative to the search-path directory that holds it.
+fn relative(path: &Path, search_path: &[PathBuf]) -> Option<PathBuf> {
+    let abs = crate::params::absolute(path);
+    search_path.iter().find_map(|dir| {
+        path.strip_prefix(dir)
+            .ok()
+            .or_else(|| abs.strip_prefix(crate::params::absolute(dir)).ok())
+            .map(Path::to_path_buf)
+    })
+}
+
+fn digest(files: &[(PathBuf, String)]) -> String {
+    let mut h = Sha256::new();
+    for (path, text) in files {
+        h.update(path.to_string_lossy().as_bytes());
+        h.update([0]);
+        h.update(text.as_bytes());
+        h.update([0]);
+    }
+    crate::actions::files::hex(&h.finalize())
+}
+
+/// The digest a host checks (`runbook --expect-digest`): a file outside the search
+/// path counts by its full path, so it never matches a controller's bundle.
+pub fn digest_of(rb: &Runbook, search_path: &[PathBuf]) -> String {
+    let files: Vec<(PathBuf, String)> = rb
+        .files()
+        .into_iter()
+        .map(|(p, t)| (relative(&p, search_path).unwrap_or(p), t))
+        .collect();
+    digest(&files)
+}
+
+impl Bundle {
+    pub fn of(rb: &Runbook, search_path: &[PathBuf]) -> Result<Bundle, FleetError> {
+        let mut files = Vec::new();
+        for (path, text) in rb.files() {
+            let rel = relative(&path, search_path).ok_or_else(|| {
+                FleetError::Invalid(format!(
+                    "{} is not under the runbook search path ({}): a fleet runs named runbooks, which it copies to each host",
+                    path.display(),
+                    search_path.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(":")
+                ))
+            })?;
+            files.push((rel, text));
+        }
+        Ok(Bundle {
+            name: rb.name.clone(),
+            digest: digest(&files),
+            files,
+        })
+    }
+
+    /// Writes the files under `dir` (which must not exist yet).
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
+        for (rel, text) in &self.files {
+            let path = dir.join(rel);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, text)?;
+        }
+        Ok(())
+    }
+
+    /// A unified diff from `old` (the files a fleet run started with) to these.
+    pub fn diff_from(&self, old: &[(PathBuf, String)]) -> String {
+        let mut report = String::new();
+        for (path, before) in old {
+            let now = self
+                .files
+                .iter()
+                .find(|(p, _)| p == path)
+                .map_or("", |(_, t)| t.as_str());
+            if now != before {
+                let diff = similar::TextDiff::from_lines(before.as_str(), now);
+                report.push_str(&format!(
+                    "{}",
+                    diff.unified_diff().context_radius(2).header(
+                        &format!("{} (at fleet run start)", path.display()),
+                        &format!("{} (now)", path.display())
+                    )
+                ));
+            }
+        }
+        for (path, _) in self
+            .files
+            .iter()
+            .filter(|(p, _)| !old.iter().any(|(q, _)| q == p))
+        {
+            report.push_str(&format!("+ {} is now called too\n", path.display()));
+        }
+        report
+    }
+}
