@@ -519,30 +519,7 @@ impl App<'_> {
         let rb = self.load(&record.path.to_string_lossy())?;
         let now = rb.files();
         if now != record.files {
-            let mut report = String::new();
-            for (path, old) in &record.files {
-                let new = now
-                    .iter()
-                    .find(|(p, _)| p == path)
-                    .map(|(_, t)| t.as_str())
-                    .unwrap_or("");
-                if new != old {
-                    let diff = similar::TextDiff::from_lines(old.as_str(), new);
-                    report.push_str(&format!(
-                        "{}",
-                        diff.unified_diff().context_radius(2).header(
-                            &format!("{} (at run start)", path.display()),
-                            &format!("{} (now)", path.display())
-                        )
-                    ));
-                }
-            }
-            for (path, _) in now
-                .iter()
-                .filter(|(p, _)| !record.files.iter().any(|(q, _)| q == p))
-            {
-                report.push_str(&format!("+ {} is now called too\n", path.display()));
-            }
+            let report = crate::load::files_diff(&record.files, &now, "run start");
             if !accept_changes {
                 return Err(AppError::Refused(format!(
                     "the runbook changed since run {} started:\n{report}resume with --accept-changes to run the changed runbook with the run's frozen values",

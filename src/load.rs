@@ -223,6 +223,32 @@ pub fn hash_files(files: &[(PathBuf, String)]) -> String {
     crate::actions::files::hex(&h.finalize())
 }
 
+/// A unified diff from the files a run started with (`old`) to the files now: what a
+/// refused resume shows. `start` names the beginning ("run start").
+pub fn files_diff(old: &[(PathBuf, String)], now: &[(PathBuf, String)], start: &str) -> String {
+    let mut report = String::new();
+    for (path, before) in old {
+        let new = now
+            .iter()
+            .find(|(p, _)| p == path)
+            .map_or("", |(_, t)| t.as_str());
+        if new != before {
+            let diff = similar::TextDiff::from_lines(before.as_str(), new);
+            report.push_str(&format!(
+                "{}",
+                diff.unified_diff().context_radius(2).header(
+                    &format!("{} (at {start})", path.display()),
+                    &format!("{} (now)", path.display())
+                )
+            ));
+        }
+    }
+    for (path, _) in now.iter().filter(|(p, _)| !old.iter().any(|(q, _)| q == p)) {
+        report.push_str(&format!("+ {} is now called too\n", path.display()));
+    }
+    report
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
     #[error(transparent)]
@@ -933,10 +959,7 @@ fn parse_unknown_field(message: &str) -> Option<(String, Vec<String>)> {
 
 /// A serde_yaml error (syntax, type, unknown key, missing key) as a diagnostic.
 fn serde_diagnostic(src: &SourceFile, e: &serde_yaml::Error) -> Diagnostic {
-    let pos = e.location().map_or(Pos { line: 1, col: 1 }, |l| Pos {
-        line: l.line(),
-        col: l.column(),
-    });
+    let pos = crate::params::yaml_pos(e);
     let mut message = yaml_message(e);
     // serde_yaml puts the path first: "steps[0].action: invalid type ...".
     let mut field = String::new();

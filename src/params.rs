@@ -76,17 +76,9 @@ impl ParamInputs {
         })?;
         let map: IndexMap<String, serde_yaml::Value> =
             serde_yaml::from_str(&src.text).map_err(|e| {
-                let pos = e
-                    .location()
-                    .map_or(crate::source::Pos { line: 1, col: 1 }, |l| {
-                        crate::source::Pos {
-                            line: l.line(),
-                            col: l.column(),
-                        }
-                    });
                 ParamError::File(vec![Diagnostic::at(
                     &src,
-                    pos,
+                    yaml_pos(&e),
                     format!("vars file: {}", yaml_message(&e)),
                 )])
             })?;
@@ -101,6 +93,17 @@ impl ParamInputs {
         }
         Ok(())
     }
+}
+
+/// Where serde_yaml says its error is (the start of the file when it does not say).
+pub fn yaml_pos(e: &serde_yaml::Error) -> crate::source::Pos {
+    e.location()
+        .map_or(crate::source::Pos { line: 1, col: 1 }, |l| {
+            crate::source::Pos {
+                line: l.line(),
+                col: l.column(),
+            }
+        })
 }
 
 /// serde_yaml's message without the " at line L column C" of the reported location

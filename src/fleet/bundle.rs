@@ -4,8 +4,6 @@
 
 use std::path::{Path, PathBuf};
 
-use sha2::{Digest, Sha256};
-
 use super::FleetError;
 use crate::load::Runbook;
 
@@ -31,17 +29,6 @@ fn relative(path: &Path, search_path: &[PathBuf]) -> Option<PathBuf> {
     })
 }
 
-fn digest(files: &[(PathBuf, String)]) -> String {
-    let mut h = Sha256::new();
-    for (path, text) in files {
-        h.update(path.to_string_lossy().as_bytes());
-        h.update([0]);
-        h.update(text.as_bytes());
-        h.update([0]);
-    }
-    crate::actions::files::hex(&h.finalize())
-}
-
 /// The digest a host checks (`runbook --expect-digest`): a file outside the search
 /// path counts by its full path, so it never matches a controller's bundle.
 pub fn digest_of(rb: &Runbook, search_path: &[PathBuf]) -> String {
@@ -50,7 +37,7 @@ pub fn digest_of(rb: &Runbook, search_path: &[PathBuf]) -> String {
         .into_iter()
         .map(|(p, t)| (relative(&p, search_path).unwrap_or(p), t))
         .collect();
-    digest(&files)
+    crate::load::hash_files(&files)
 }
 
 impl Bundle {
@@ -68,7 +55,7 @@ impl Bundle {
         }
         Ok(Bundle {
             name: rb.name.clone(),
-            digest: digest(&files),
+            digest: crate::load::hash_files(&files),
             files,
         })
     }
@@ -87,31 +74,6 @@ impl Bundle {
 
     /// A unified diff from `old` (the files a fleet run started with) to these.
     pub fn diff_from(&self, old: &[(PathBuf, String)]) -> String {
-        let mut report = String::new();
-        for (path, before) in old {
-            let now = self
-                .files
-                .iter()
-                .find(|(p, _)| p == path)
-                .map_or("", |(_, t)| t.as_str());
-            if now != before {
-                let diff = similar::TextDiff::from_lines(before.as_str(), now);
-                report.push_str(&format!(
-                    "{}",
-                    diff.unified_diff().context_radius(2).header(
-                        &format!("{} (at fleet run start)", path.display()),
-                        &format!("{} (now)", path.display())
-                    )
-                ));
-            }
-        }
-        for (path, _) in self
-            .files
-            .iter()
-            .filter(|(p, _)| !old.iter().any(|(q, _)| q == p))
-        {
-            report.push_str(&format!("+ {} is now called too\n", path.display()));
-        }
-        report
+        crate::load::files_diff(old, &self.files, "fleet run start")
     }
 }

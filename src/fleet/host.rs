@@ -124,7 +124,11 @@ pub struct Shipment<'a> {
 
 impl Shipment<'_> {
     pub fn bundle_relative(&self) -> String {
-        format!("runbooks/{}", &self.bundle.digest[..16])
+        bundle_relative(&self.bundle.digest)
+    }
+
+    fn paths(&self, host: &Host) -> HostPaths {
+        HostPaths::new(host, self.engine, &self.bundle.digest)
     }
 
     /// Builds the stage once per engine and bundle (kept in the state dir; built in a
@@ -169,6 +173,46 @@ pub fn repo_args(host: &Host) -> RepoArgs {
         dir: host.spec.dir.clone(),
         ssh_key: host.spec.ssh_key.clone(),
         known_hosts: host.spec.known_hosts.clone(),
+    }
+}
+
+/// Where, in a host's `dir`, a fleet's runbook files are: by digest.
+pub fn bundle_relative(digest: &str) -> String {
+    format!("runbooks/{}", &digest[..16])
+}
+
+/// The paths of one engine and one bundle on one host.
+pub struct HostPaths {
+    pub engine: String,
+    pub bundle: String,
+    pub state: String,
+}
+
+impl HostPaths {
+    pub fn new(host: &Host, engine: &Engine, digest: &str) -> HostPaths {
+        let dir = |rel: &str| host.spec.dir.join(rel).display().to_string();
+        HostPaths {
+            engine: dir(&engine.relative()),
+            bundle: dir(&bundle_relative(digest)),
+            state: dir("state"),
+        }
+    }
+
+    /// [`ENGINE_SCRIPT`]'s words: the engine, the runbook dir, then the engine's
+    /// global options (search path, state dir, JSON output) and `words`.
+    pub fn engine_words<'a>(&'a self, words: &[&'a str]) -> Vec<&'a str> {
+        let mut args = vec![
+            self.engine.as_str(),
+            &self.bundle,
+            "--path",
+            &self.bundle,
+            "--state-dir",
+            &self.state,
+            "--format",
+            "json",
+        ];
+        args.extend_from_slice(words);
+        args
     }
 }
 
@@ -224,6 +268,20 @@ pub struct Outcome {
     pub duration: Duration,
 }
 
+impl Outcome {
+    /// The host's row, as the record and the summary show it.
+    pub fn state(&self, host: &str) -> super::record::HostState {
+        super::record::HostState {
+            host: host.to_string(),
+            status: self.status,
+            run_id: self.run_id.clone(),
+            failed_step: self.failed_step.clone(),
+            error: self.error.clone(),
+            duration_secs: Some(self.duration.as_secs_f64()),
+        }
+    }
+}
+
 /// Progress a host's thread reports to the controller's loop.
 pub enum Report {
     /// An event line of the host's run (JSON, as the engine prints it).
@@ -263,29 +321,13 @@ pub fn yaml(values: &IndexMap<String, Json>) -> Vec<u8> {
 }
 
 impl HostRun<'_> {
-    fn remote_dir(&self, rel: &str) -> String {
-        self.host.spec.dir.join(rel).display().to_string()
-    }
-
     /// `ENGINE --path RUNBOOKS --state-dir STATE --format json WORDS...` on the host.
     fn engine(&self, words: &[&str], stdin: &[u8]) -> (Result<(i32, String), SshError>, Observed) {
-        let engine = self.remote_dir(&self.shipment.engine.relative());
-        let bundle = self.remote_dir(&self.shipment.bundle_relative());
-        let state = self.remote_dir("state");
-        let mut args: Vec<&str> = vec![
-            &engine,
-            &bundle,
-            "--path",
-            &bundle,
-            "--state-dir",
-            &state,
-            "--format",
-            "json",
-        ];
-        args.extend_from_slice(words);
+        let paths = self.shipment.paths(self.host);
+        let args = paths.engine_words(words);
         let mut seen = Observed::default();
-        let args2 = repo_args(self.host);
-        let remote = Remote::new(&args2);
+        let repo = repo_args(self.host);
+        let remote = Remote::new(&repo);
         let result = remote.run_lines(ENGINE_SCRIPT, &args, stdin, &mut |line| {
             if let Ok(v) = serde_json::from_str::<Json>(line) {
                 seen.take(&v);
@@ -412,28 +454,14 @@ impl HostRun<'_> {
         loop {
             (self.report)(Report::Doing("asking".into()));
             let mut shown = Vec::new();
-            let result = {
-                let engine = self.remote_dir(&self.shipment.engine.relative());
-                let bundle = self.remote_dir(&self.shipment.bundle_relative());
-                let state = self.remote_dir("state");
-                let args2 = repo_args(self.host);
-                let remote = Remote::new(&args2);
-                remote.run_lines(
-                    ENGINE_SCRIPT,
-                    &[
-                        &engine,
-                        &bundle,
-                        "--state-dir",
-                        &state,
-                        "--format",
-                        "json",
-                        "show",
-                        &run_id,
-                    ],
-                    b"",
-                    &mut |line| shown.push(line.to_string()),
-                )
-            };
+            let paths = self.shipment.paths(self.host);
+            let args = repo_args(self.host);
+            let result = Remote::new(&args).run_lines(
+                ENGINE_SCRIPT,
+                &paths.engine_words(&["show", &run_id]),
+                b"",
+                &mut |line| shown.push(line.to_string()),
+            );
             let (code, _) = match result {
                 Ok(r) => r,
                 Err(e) => {

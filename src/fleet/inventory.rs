@@ -101,15 +101,11 @@ impl Inventory {
             return Err(fail(pos, "", crate::load::too_deep()));
         }
         let raw: serde_yaml::Value = serde_yaml::from_str(&src.text).map_err(|e| {
-            let pos = e
-                .location()
-                .map_or(crate::source::Pos { line: 1, col: 1 }, |l| {
-                    crate::source::Pos {
-                        line: l.line(),
-                        col: l.column(),
-                    }
-                });
-            fail(pos, "", crate::params::yaml_message(&e))
+            fail(
+                crate::params::yaml_pos(&e),
+                "",
+                crate::params::yaml_message(&e),
+            )
         })?;
         let mut inv: Inventory = serde_path_to_error::deserialize(raw).map_err(|e| {
             let field = e.path().to_string();

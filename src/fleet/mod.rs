@@ -189,7 +189,7 @@ impl Ctx<'_> {
                 h
             })
             .collect();
-        writer.append(&Line::FleetStarted {
+        writer.append(&Line::FleetStarted(Box::new(record::Header {
             format: record::FORMAT.into(),
             id: id.clone(),
             runbook: loaded.bundle.name.clone(),
@@ -201,7 +201,7 @@ impl Ctx<'_> {
             parallel: window.parallel.max(1),
             max_fail: window.max_fail,
             hosts: recorded,
-        })?;
+        })))?;
         if self.format() == Format::Text && !self.cli.quiet {
             println!(
                 "fleet run {id}: {} on {} host(s)",
@@ -245,20 +245,20 @@ impl Ctx<'_> {
     ) -> Result<Exit, FleetError> {
         let run = FleetRun::read(self.state_dir, id)?;
         let _lock = self.lock(id)?;
-        let loaded = self.load(&run.runbook)?;
-        if loaded.bundle.digest != run.digest {
+        let loaded = self.load(&run.header.runbook)?;
+        if loaded.bundle.digest != run.header.digest {
             return Err(FleetError::Refused(format!(
                 "the runbook files changed since fleet run {id} started (the hosts' runs use the files it sent):\n{}put them back as they were to resume; a new `fleet run` uses the new ones",
-                loaded.bundle.diff_from(&run.files)
+                loaded.bundle.diff_from(&run.header.files)
             )));
         }
         let engine = Engine::resolve(engine)?;
-        if engine.sha256 != run.engine_sha256 {
+        if engine.sha256 != run.header.engine_sha256 {
             return Err(FleetError::Refused(format!(
                 "the engine {} (sha256 {}) is not the one fleet run {id} installed (sha256 {}): pass that build with --engine",
                 engine.path.display(),
                 &engine.sha256[..16],
-                &run.engine_sha256[..16]
+                &run.header.engine_sha256[..16]
             )));
         }
         let given = self.given(inputs, &loaded)?;
@@ -272,7 +272,7 @@ impl Ctx<'_> {
         writer.append(&Line::FleetResumed { at: record::now() })?;
         let mut done = IndexMap::new();
         let mut jobs = Vec::new();
-        for (i, h) in run.hosts.iter().enumerate() {
+        for (i, h) in run.header.hosts.iter().enumerate() {
             let state = &run.states[&h.name];
             match (&state.status, &state.run_id) {
                 (HostStatus::Succeeded, _) => {
@@ -286,24 +286,25 @@ impl Ctx<'_> {
             println!(
                 "fleet resume {id}: {} of {} host(s) to continue, {} succeeded before",
                 jobs.len(),
-                run.hosts.len(),
+                run.header.hosts.len(),
                 done.len()
             );
         }
         let values: Vec<IndexMap<String, Json>> = run
+            .header
             .hosts
             .iter()
             .map(|h| host_values(&given, &IndexMap::new(), &h.spec.vars, &loaded, true))
             .collect();
         let rows = drive(
-            &run.hosts,
+            &run.header.hosts,
             &values,
             &loaded,
             &shipment,
             jobs,
             done,
-            parallel.unwrap_or(run.parallel),
-            max_fail.or(run.max_fail),
+            parallel.unwrap_or(run.header.parallel),
+            max_fail.or(run.header.max_fail),
             writer,
             self,
             id,
@@ -368,11 +369,11 @@ impl Ctx<'_> {
                 .iter()
                 .map(|r| {
                     serde_json::json!({
-                        "id": r.id,
-                        "runbook": r.runbook,
+                        "id": r.header.id,
+                        "runbook": r.header.runbook,
                         "status": r.status().as_str(),
-                        "started_at": r.started_at,
-                        "hosts": r.hosts.len(),
+                        "started_at": r.header.started_at,
+                        "hosts": r.header.hosts.len(),
                     })
                 })
                 .collect();
@@ -383,7 +384,7 @@ impl Ctx<'_> {
         } else if runs.is_empty() {
             println!("no fleet runs in {}", record::dir(self.state_dir).display());
         } else {
-            let w = runs.iter().map(|r| r.id.len()).max().unwrap_or(2);
+            let w = runs.iter().map(|r| r.header.id.len()).max().unwrap_or(2);
             println!(
                 "{:<w$}  {:<11}  {:<24}  {:>5}  RUNBOOK",
                 "ID", "STATUS", "STARTED", "HOSTS"
@@ -391,11 +392,11 @@ impl Ctx<'_> {
             for r in &runs {
                 println!(
                     "{:<w$}  {:<11}  {:<24}  {:>5}  {}",
-                    r.id,
+                    r.header.id,
                     r.status().as_str(),
-                    r.started_at,
-                    r.hosts.len(),
-                    r.runbook
+                    r.header.started_at,
+                    r.header.hosts.len(),
+                    r.header.runbook
                 );
             }
         }
@@ -407,11 +408,11 @@ impl Ctx<'_> {
         let rows: Vec<HostState> = run.states.values().cloned().collect();
         if self.format() == Format::Json {
             let value = serde_json::json!({
-                "id": run.id,
-                "runbook": run.runbook,
-                "digest": run.digest,
+                "id": run.header.id,
+                "runbook": run.header.runbook,
+                "digest": run.header.digest,
                 "status": run.status().as_str(),
-                "started_at": run.started_at,
+                "started_at": run.header.started_at,
                 "hosts": rows,
             });
             println!(
@@ -419,16 +420,22 @@ impl Ctx<'_> {
                 serde_json::to_string_pretty(&value).unwrap_or_default()
             );
         } else if self.format() == Format::Junit {
-            print!("{}", output::junit(&run.id, &run.runbook, &rows));
+            print!(
+                "{}",
+                output::junit(&run.header.id, &run.header.runbook, &rows)
+            );
         } else {
             println!(
                 "fleet run {} of {} ({}), started {}",
-                run.id,
-                run.runbook,
+                run.header.id,
+                run.header.runbook,
                 run.status().as_str(),
-                run.started_at
+                run.header.started_at
             );
-            print!("{}", output::table(&run.id, &run.runbook, &rows));
+            print!(
+                "{}",
+                output::table(&run.header.id, &run.header.runbook, &rows)
+            );
         }
         Ok(Exit::Success)
     }
@@ -539,17 +546,7 @@ fn drive(
                     )?;
                     sched.finish(i, o.status == HostStatus::Succeeded);
                     ui.finished(i, &o);
-                    rows.insert(
-                        i,
-                        HostState {
-                            host: hosts[i].name.clone(),
-                            status: o.status,
-                            run_id: o.run_id,
-                            failed_step: o.failed_step,
-                            error: o.error,
-                            duration_secs: Some(o.duration.as_secs_f64()),
-                        },
-                    );
+                    rows.insert(i, o.state(&hosts[i].name));
                 }
                 Err(_) => break,
             }
@@ -571,12 +568,8 @@ fn drive(
         rows.insert(
             i,
             HostState {
-                host: hosts[i].name.clone(),
-                status: o.status,
-                run_id: None,
-                failed_step: None,
-                error: o.error,
                 duration_secs: None,
+                ..o.state(&hosts[i].name)
             },
         );
     }

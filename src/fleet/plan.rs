@@ -37,30 +37,12 @@ struct HostPlan {
 }
 
 fn plan_host(host: &Host, engine: &Engine, digest: &str, name: &str, vars: &[u8]) -> HostPlan {
-    let dir = |rel: &str| host.spec.dir.join(rel).display().to_string();
-    let engine_path = dir(&engine.relative());
-    let bundle = dir(&format!("runbooks/{}", &digest[..16]));
-    let state = dir("state");
+    let paths = host::HostPaths::new(host, engine, digest);
     let args = host::repo_args(host);
     let mut lines = Vec::new();
     let result = Remote::new(&args).run_lines(
         host::ENGINE_SCRIPT,
-        &[
-            &engine_path,
-            &bundle,
-            "--path",
-            &bundle,
-            "--state-dir",
-            &state,
-            "--format",
-            "json",
-            "--expect-digest",
-            digest,
-            "plan",
-            name,
-            "--vars",
-            "-",
-        ],
+        &paths.engine_words(&["--expect-digest", digest, "plan", name, "--vars", "-"]),
         vars,
         &mut |l| lines.push(l.to_string()),
     );

@@ -46,30 +46,28 @@ impl HostStatus {
     }
 }
 
+/// What a fleet run was started with: the record's first line.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RecordedHost {
-    #[serde(flatten)]
-    pub host: Host,
+pub struct Header {
+    pub format: String,
+    pub id: String,
+    pub runbook: String,
+    pub digest: String,
+    /// The runbook files (relative path, text): what a resume compares against.
+    pub files: Vec<(PathBuf, String)>,
+    pub engine_sha256: String,
+    pub engine_version: String,
+    pub started_at: String,
+    pub parallel: usize,
+    pub max_fail: Option<FailLimit>,
+    /// The selected hosts, their vars without the secret params.
+    pub hosts: Vec<Host>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "kebab-case")]
 pub enum Line {
-    FleetStarted {
-        format: String,
-        id: String,
-        runbook: String,
-        digest: String,
-        /// The runbook files (relative path, text): what a resume compares against.
-        files: Vec<(PathBuf, String)>,
-        engine_sha256: String,
-        engine_version: String,
-        started_at: String,
-        parallel: usize,
-        max_fail: Option<FailLimit>,
-        /// The selected hosts, their vars without the secret params.
-        hosts: Vec<Host>,
-    },
+    FleetStarted(Box<Header>),
     FleetResumed {
         at: String,
     },
@@ -155,18 +153,23 @@ pub struct HostState {
     pub duration_secs: Option<f64>,
 }
 
+impl HostState {
+    pub fn new(host: &str, status: HostStatus) -> HostState {
+        HostState {
+            host: host.to_string(),
+            status,
+            run_id: None,
+            failed_step: None,
+            error: None,
+            duration_secs: None,
+        }
+    }
+}
+
 /// A fleet run read back from its record.
 #[derive(Debug, Clone)]
 pub struct FleetRun {
-    pub id: String,
-    pub runbook: String,
-    pub digest: String,
-    pub files: Vec<(PathBuf, String)>,
-    pub engine_sha256: String,
-    pub started_at: String,
-    pub parallel: usize,
-    pub max_fail: Option<FailLimit>,
-    pub hosts: Vec<Host>,
+    pub header: Header,
     pub states: IndexMap<String, HostState>,
     /// The last `fleet-finished`, if the last attempt ended.
     pub finished: Option<HostStatus>,
@@ -205,47 +208,19 @@ impl FleetRun {
                 Err(_) => break,
             };
             match (parsed, run.as_mut()) {
-                (
-                    Line::FleetStarted {
-                        id,
-                        runbook,
-                        digest,
-                        files,
-                        engine_sha256,
-                        started_at,
-                        parallel,
-                        max_fail,
-                        hosts,
-                        ..
-                    },
-                    None,
-                ) => {
-                    let states = hosts
+                (Line::FleetStarted(header), None) => {
+                    let states = header
+                        .hosts
                         .iter()
                         .map(|h| {
                             (
                                 h.name.clone(),
-                                HostState {
-                                    host: h.name.clone(),
-                                    status: HostStatus::NotStarted,
-                                    run_id: None,
-                                    failed_step: None,
-                                    error: None,
-                                    duration_secs: None,
-                                },
+                                HostState::new(&h.name, HostStatus::NotStarted),
                             )
                         })
                         .collect();
                     run = Some(FleetRun {
-                        id,
-                        runbook,
-                        digest,
-                        files,
-                        engine_sha256,
-                        started_at,
-                        parallel,
-                        max_fail,
-                        hosts,
+                        header: *header,
                         states,
                         finished: None,
                         live: false,
@@ -333,7 +308,9 @@ impl FleetRun {
                 runs.push(FleetRun::read(state_dir, id)?);
             }
         }
-        runs.sort_by(|a, b| (&b.started_at, &b.id).cmp(&(&a.started_at, &a.id)));
+        runs.sort_by(|a, b| {
+            (&b.header.started_at, &b.header.id).cmp(&(&a.header.started_at, &a.header.id))
+        });
         Ok(runs)
     }
 }

@@ -121,23 +121,22 @@ impl<'a> Remote<'a> {
         format!("{}@{}", self.repo.user, self.repo.host)
     }
 
-    /// Runs `sh -c SCRIPT sh ARGS...` on the remote, feeding `stdin`; returns stdout.
-    /// `what` names the operation in errors. Exit codes in `ok_codes` count as success
-    /// (a `sha256sum` over a missing file exits 1 and still reports the others).
-    pub fn run(
+    /// Starts `sh -c SCRIPT sh ARGS...` on the remote with `stdin` fed to it from a
+    /// thread (a large stdin and a large stdout would deadlock a single thread that
+    /// writes all before it reads) and its stderr collected by another.
+    fn spawn(
         &self,
-        what: &str,
         script: &str,
         args: &[&str],
         stdin: &[u8],
-        ok_codes: &[i32],
-    ) -> Result<Vec<u8>, SshError> {
+        compress: bool,
+    ) -> Result<Spawned, SshError> {
         let mut remote = vec!["sh", "-c", script, "sh"];
         remote.extend_from_slice(args);
         let mut argv = self.ssh_options();
-        // Listings and digests are text: compressed, they cost half as much on the link.
-        // (Not for rsync: ciphertext does not compress.)
-        argv.extend(["-o".to_string(), "Compression=yes".to_string()]);
+        if compress {
+            argv.extend(["-o".to_string(), "Compression=yes".to_string()]);
+        }
         argv.push(self.destination());
         argv.push("--".into());
         argv.push(quote_argv(&remote));
@@ -153,8 +152,6 @@ impl<'a> Remote<'a> {
             })?;
         let mut input = child.stdin.take().expect("piped stdin");
         let data = stdin.to_vec();
-        // Written from a thread: a large stdin and a large stdout would deadlock a
-        // single thread that writes all before it reads.
         let writer = std::thread::spawn(move || {
             let _ = input.write_all(&data);
         });
@@ -164,19 +161,32 @@ impl<'a> Remote<'a> {
             let _ = stderr.read_to_end(&mut s);
             s
         });
+        let stdout = child.stdout.take().expect("piped stdout");
+        Ok(Spawned {
+            child,
+            stdout,
+            writer,
+            err_reader,
+        })
+    }
+
+    /// Runs `sh -c SCRIPT sh ARGS...` on the remote, feeding `stdin`; returns stdout.
+    /// `what` names the operation in errors. Exit codes in `ok_codes` count as success
+    /// (a `sha256sum` over a missing file exits 1 and still reports the others).
+    pub fn run(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+        stdin: &[u8],
+        ok_codes: &[i32],
+    ) -> Result<Vec<u8>, SshError> {
+        // Listings and digests are text: compressed, they cost half as much on the link.
+        // (Not for rsync: ciphertext does not compress.)
+        let mut spawned = self.spawn(script, args, stdin, true)?;
         let mut out = Vec::new();
-        let _ = child
-            .stdout
-            .take()
-            .expect("piped stdout")
-            .read_to_end(&mut out);
-        let status = child.wait().map_err(|source| SshError::Spawn {
-            program: "ssh".into(),
-            source,
-        })?;
-        let _ = writer.join();
-        let err = err_reader.join().unwrap_or_default();
-        let code = status.code().unwrap_or(-1);
+        let _ = spawned.stdout.read_to_end(&mut out);
+        let (code, err) = spawned.wait()?;
         if code == 0 || ok_codes.contains(&code) {
             return Ok(out);
         }
@@ -206,52 +216,21 @@ impl<'a> Remote<'a> {
         stdin: &[u8],
         on_line: &mut dyn FnMut(&str),
     ) -> Result<(i32, String), SshError> {
-        let mut remote = vec!["sh", "-c", script, "sh"];
-        remote.extend_from_slice(args);
-        let mut argv = self.ssh_options();
-        argv.push(self.destination());
-        argv.push("--".into());
-        argv.push(quote_argv(&remote));
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| SshError::Spawn {
-                program: "ssh".into(),
-                source,
-            })?;
-        let mut input = child.stdin.take().expect("piped stdin");
-        let data = stdin.to_vec();
-        let writer = std::thread::spawn(move || {
-            let _ = input.write_all(&data);
-        });
-        let mut stderr = child.stderr.take().expect("piped stderr");
-        let err_reader = std::thread::spawn(move || {
-            let mut s = Vec::new();
-            let _ = stderr.read_to_end(&mut s);
-            s
-        });
-        let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let mut spawned = self.spawn(script, args, stdin, false)?;
+        let stdout = std::io::BufReader::new(&mut spawned.stdout);
         for line in std::io::BufRead::lines(stdout) {
             match line {
                 Ok(line) => on_line(&line),
                 Err(_) => break,
             }
         }
-        let status = child.wait().map_err(|source| SshError::Spawn {
-            program: "ssh".into(),
-            source,
-        })?;
-        let _ = writer.join();
-        let err = err_reader.join().unwrap_or_default();
-        match status.code() {
-            Some(255) | None => Err(SshError::Unreachable {
+        match spawned.wait()? {
+            // ssh's own failure, or ssh killed: either way the link is gone.
+            (255 | -1, err) => Err(SshError::Unreachable {
                 target: self.target(),
                 detail: last_lines(&err),
             }),
-            Some(code) => Ok((code, last_lines(&err))),
+            (code, err) => Ok((code, last_lines(&err))),
         }
     }
 
@@ -402,6 +381,28 @@ impl<'a> Remote<'a> {
                 detail: last_lines(&err),
             }),
         }
+    }
+}
+
+/// A started remote command: its stdout to read, then [`Spawned::wait`].
+struct Spawned {
+    child: std::process::Child,
+    stdout: std::process::ChildStdout,
+    writer: std::thread::JoinHandle<()>,
+    err_reader: std::thread::JoinHandle<Vec<u8>>,
+}
+
+impl Spawned {
+    /// The exit code (-1 when killed by a signal, as 255 is ssh's own) and stderr.
+    fn wait(mut self) -> Result<(i32, Vec<u8>), SshError> {
+        drop(self.stdout);
+        let status = self.child.wait().map_err(|source| SshError::Spawn {
+            program: "ssh".into(),
+            source,
+        })?;
+        let _ = self.writer.join();
+        let err = self.err_reader.join().unwrap_or_default();
+        Ok((status.code().unwrap_or(-1), err))
     }
 }
 
