@@ -201,6 +201,7 @@ impl Ctx<'_> {
             parallel: window.parallel.max(1),
             max_fail: window.max_fail,
             hosts: recorded,
+            secrets: secrets_given(&given, &hosts, &loaded),
         })))?;
         if self.format() == Format::Text && !self.cli.quiet {
             println!(
@@ -262,6 +263,23 @@ impl Ctx<'_> {
             )));
         }
         let given = self.given(inputs, &loaded)?;
+        let missing: Vec<&str> = run
+            .header
+            .secrets
+            .iter()
+            .filter(|k| !given.files.contains_key(*k) && !given.sets.contains_key(*k))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            return Err(FleetError::Invalid(format!(
+                "fleet run {id} was given the secret(s) {}, which its record does not keep: give them again (--vars FILE or --set NAME=...)",
+                missing
+                    .iter()
+                    .map(|k| format!("`{k}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
         let stage = Shipment::prepare(self.state_dir, &engine, &loaded.bundle)?;
         let shipment = Shipment {
             engine: &engine,
@@ -458,6 +476,21 @@ pub(crate) fn host_values(
         v.retain(|k, _| !loaded.params.get(k).copied().unwrap_or(false));
     }
     v
+}
+
+/// The secret params among the values given (files, `--set`, any host's vars).
+fn secrets_given(given: &Given, hosts: &[Host], loaded: &Loaded) -> Vec<String> {
+    let mut names: Vec<String> = given
+        .files
+        .keys()
+        .chain(given.sets.keys())
+        .chain(hosts.iter().flat_map(|h| h.spec.vars.keys()))
+        .filter(|k| loaded.params.get(*k).copied().unwrap_or(false))
+        .cloned()
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 fn exit_of(rows: &[HostState]) -> Exit {

@@ -62,6 +62,10 @@ pub struct Header {
     pub max_fail: Option<FailLimit>,
     /// The selected hosts, their vars without the secret params.
     pub hosts: Vec<Host>,
+    /// The names (never the values) of the secret params the run was given: a resume
+    /// needs each of them again, as `runbook resume` does.
+    #[serde(default)]
+    pub secrets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

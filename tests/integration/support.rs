@@ -369,58 +369,68 @@ fn newest_mtime(paths: &[PathBuf]) -> SystemTime {
 }
 
 /// The testkit built static (`crt-static`, rusqlite bundled) so that it runs in a
-/// `FROM scratch` image. Built once; reused while it is newer than the testkit's
-/// sources and the manifest (the testkit does not use the `runbook` library).
+/// `FROM scratch` image. Reused while it is newer than the testkit's sources and the
+/// manifest (the testkit does not use the `runbook` library).
 pub fn static_testkit() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-        // target/debug/runbook-testkit -> target
-        let target_dir = Path::new(env!("CARGO_BIN_EXE_runbook-testkit"))
-            .parent()
-            .and_then(Path::parent)
-            .unwrap()
-            .to_path_buf();
-        let triple = "x86_64-unknown-linux-gnu";
-        let bin = target_dir.join(triple).join("release/runbook-testkit");
-        let sources = newest_mtime(&[
-            root.join("testkit"),
-            root.join("Cargo.toml"),
-            root.join("Cargo.lock"),
-        ]);
-        let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-        if built.is_some_and(|b| b >= sources) {
-            return bin;
-        }
-        let started = Instant::now();
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let out = Command::new(cargo)
-            .args(["build", "--release", "--locked", "--target", triple])
-            .args(["--bin", "runbook-testkit", "--target-dir"])
-            .arg(&target_dir)
-            .env("RUSTFLAGS", "-C target-feature=+crt-static")
-            .current_dir(root)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run cargo");
-        assert!(
-            out.status.success(),
-            "building the static runbook-testkit failed:\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        // Cargo may find it fresh without relinking; mark it as checked now.
-        std::fs::File::options()
-            .append(true)
-            .open(&bin)
-            .and_then(|f| f.set_modified(SystemTime::now()))
-            .unwrap();
-        eprintln!(
-            "built the static runbook-testkit in {:.1}s",
-            started.elapsed().as_secs_f64()
-        );
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| static_build("runbook-testkit", &["testkit"]))
+        .clone()
+}
+
+/// The engine built static, as `runbook fleet` installs it on a host (it refuses a
+/// dynamically linked one). Reused while it is newer than `src/` and the manifest.
+pub fn static_runbook() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| static_build("runbook", &["src"]))
+        .clone()
+}
+
+/// `cargo build --release --target x86_64-unknown-linux-gnu --bin NAME` with
+/// `crt-static`, into this build's target dir (where `.ci/run` built it before the
+/// tests), unless the binary there is newer than `sources` and the manifest.
+fn static_build(name: &str, sources: &[&str]) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    // target/debug/runbook-testkit -> target
+    let target_dir = Path::new(env!("CARGO_BIN_EXE_runbook-testkit"))
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .to_path_buf();
+    let triple = "x86_64-unknown-linux-gnu";
+    let bin = target_dir.join(triple).join("release").join(name);
+    let mut inputs: Vec<PathBuf> = sources.iter().map(|s| root.join(s)).collect();
+    inputs.extend([root.join("Cargo.toml"), root.join("Cargo.lock")]);
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    if built.is_some_and(|b| b >= newest_mtime(&inputs)) {
+        return bin;
+    }
+    let started = Instant::now();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["build", "--release", "--locked", "--target", triple])
+        .args(["--bin", name, "--target-dir"])
+        .arg(&target_dir)
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cargo");
+    assert!(
+        out.status.success(),
+        "building the static {name} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Cargo may find it fresh without relinking; mark it as checked now.
+    std::fs::File::options()
+        .append(true)
+        .open(&bin)
+        .and_then(|f| f.set_modified(SystemTime::now()))
+        .unwrap();
+    eprintln!(
+        "built the static {name} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    bin
 }
 
 /// `runbook-test/health:<hash of the binary>`, built from a temp context with
