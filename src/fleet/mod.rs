@@ -519,6 +519,9 @@ fn drive(
 ) -> Result<Vec<HostState>, FleetError> {
     let names: Vec<String> = hosts.iter().map(|h| h.name.clone()).collect();
     let mut ui = output::Ui::new(ctx.format(), ctx.cli.quiet, names);
+    for (&i, state) in &done {
+        ui.before(i, state);
+    }
     let record = Mutex::new(writer);
     let mut job_of: IndexMap<usize, Job> = jobs.into_iter().collect();
     let mut sched = Scheduler::new(job_of.keys().copied().collect(), parallel, max_fail);

@@ -52,6 +52,25 @@ impl Ui {
         }
     }
 
+    /// A host a resume leaves alone (it succeeded before): its line says so at once.
+    pub fn before(&mut self, host: usize, state: &HostState) {
+        let run = state.run_id.as_deref().unwrap_or("-");
+        self.settle(
+            host,
+            format!("{} before (run {run})", state.status.as_str()),
+        );
+    }
+
+    /// Ends a host's live line with `line` (which says its own duration).
+    fn settle(&self, host: usize, line: String) {
+        if let Some((_, bars)) = &self.live {
+            if let Ok(done) = indicatif::ProgressStyle::with_template("  {prefix} {msg}") {
+                bars[host].set_style(done);
+            }
+            bars[host].finish_with_message(line);
+        }
+    }
+
     pub fn doing(&mut self, host: usize, what: &str) {
         self.since[host].get_or_insert_with(Instant::now);
         if let Some((_, bars)) = &self.live {
@@ -96,7 +115,7 @@ impl Ui {
                 })
             ),
             Format::Text if !self.quiet => match &self.live {
-                Some((_, bars)) => bars[host].finish_with_message(line),
+                Some(_) => self.settle(host, line),
                 None => println!("{name:<w$}  {line}", w = self.width),
             },
             _ => {}

@@ -260,6 +260,27 @@ impl Fleet {
         self.cmd(args).output().expect("run runbook fleet").into()
     }
 
+    /// `runbook fleet ARGS` on a terminal (script(1)); what it showed, escapes removed.
+    fn on_terminal(&self, args: &str) -> String {
+        let line = format!(
+            "{} --path {} fleet {args}",
+            env!("CARGO_BIN_EXE_runbook"),
+            self.runbooks().display()
+        );
+        let out = Command::new("script")
+            .args(["-qec", &line, "/dev/null"])
+            .current_dir(self.sb.path())
+            .env("RUNBOOK_STATE_DIR", self.sb.p("state"))
+            .env("RUNBOOK_FLEET_ENGINE", static_runbook())
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{text}");
+        let escapes = regex::Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]").unwrap();
+        escapes.replace_all(&text, "").replace('\r', "\n")
+    }
+
     fn show(&self, id: &str) -> Json {
         let r = self.fleet(&["show", id, "--format", "json"]);
         assert_eq!(r.code, 0, "{r:?}");
@@ -564,9 +585,16 @@ fn a_host_cut_off_mid_run_is_resumed_alone_and_its_finished_steps_do_not_run_aga
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("token"), "{r:?}");
 
-    let r = fleet.fleet(&["resume", &id, "--vars", "secrets.yaml"]);
-    assert_eq!(r.code, 0, "{r:?}");
-    assert!(r.stdout.contains("1 of 3 host(s) to continue"), "{r:?}");
+    // On a terminal (script(1) gives it one): a live line per host, then the table.
+    let screen = fleet.on_terminal(&format!("resume {id} --vars secrets.yaml"));
+    assert!(
+        screen.contains("1 of 3 host(s) to continue")
+            && screen.contains("a    succeeded before (run ")
+            && screen.contains("c    succeeded before (run ")
+            && screen.contains("b    succeeded in ")
+            && screen.contains("HOST  STATUS       RUN ID THERE"),
+        "{screen}"
+    );
     let after = fleet.statuses(&id);
     for name in ["a", "b", "c"] {
         assert_eq!(after[name].0, "succeeded", "{after:?}");
