@@ -339,6 +339,21 @@ impl Fleet {
         }
     }
 
+    /// Starts `fleet run t/count` on every host at once (the secret from a vars file)
+    /// and waits until each host's run is held at its gate.
+    fn run_to_the_gates(&self, extra: &[&str]) -> std::process::Child {
+        let child = self
+            .cmd(&["run", "t/count", "--hosts", "hosts.yaml", "--parallel", "3"])
+            .args(["--vars", "secrets.yaml"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        self.wait_at_gates();
+        child
+    }
+
     /// The run's journal on host `name`, read there by the engine installed there.
     fn host_run(&self, name: &str, run_id: &str) -> Json {
         let dir = self.host(name).dir.path().join("fleet");
@@ -536,24 +551,7 @@ fn fleet_backup_of_three_sandboxes_plans_without_writing_then_runs_with_a_journa
 #[test]
 fn a_host_cut_off_mid_run_is_resumed_alone_and_its_finished_steps_do_not_run_again() {
     let fleet = Fleet::counting(&["a", "b", "c"]);
-    let run = fleet
-        .cmd(&[
-            "run",
-            "t/count",
-            "--hosts",
-            "hosts.yaml",
-            "--parallel",
-            "3",
-            "--vars",
-            "secrets.yaml",
-            "--format",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    fleet.wait_at_gates();
+    let run = fleet.run_to_the_gates(&["--format", "json"]);
 
     // Every host's engine is running now, the secret in its memory: no argv shows it.
     let ps = ps_args();
@@ -625,22 +623,7 @@ fn a_host_cut_off_mid_run_is_resumed_alone_and_its_finished_steps_do_not_run_aga
 #[test]
 fn a_killed_controller_is_resumed_and_no_step_runs_twice_on_any_host() {
     let fleet = Fleet::counting(&["a", "b", "c"]);
-    let mut run = fleet
-        .cmd(&[
-            "run",
-            "t/count",
-            "--hosts",
-            "hosts.yaml",
-            "--parallel",
-            "3",
-            "--vars",
-            "secrets.yaml",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    fleet.wait_at_gates();
+    let mut run = fleet.run_to_the_gates(&[]);
     run.kill().unwrap();
     run.wait().unwrap();
     let id = fleet.only_run();
