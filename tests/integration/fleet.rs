@@ -719,7 +719,19 @@ fn max_fail_1_with_two_failing_hosts_starts_no_more_and_resume_finishes_the_rest
         "--vars",
         "secrets.yaml",
     ]);
+    let plan = fleet.fleet(&[
+        "plan",
+        "t/count",
+        "--hosts",
+        "hosts.yaml",
+        "--limit",
+        "c",
+        "--vars",
+        "secrets.yaml",
+    ]);
     fleet.host("c").link_up();
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("unreachable"), "{r:?}");
+    assert_eq!(plan.code, 1, "{plan:?}");
+    assert!(plan.stdout.contains("unreachable"), "{plan:?}");
 }
