@@ -183,6 +183,15 @@ pub struct FleetRun {
 
 impl FleetRun {
     pub fn read(state_dir: &Path, id: &str) -> Result<FleetRun, FleetError> {
+        // The id names a file: `../x` or `/tmp/x` must not reach outside the state dir.
+        let shape = id.strip_prefix("fleet-").is_some_and(|rest| {
+            !rest.is_empty() && rest.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+        if !shape {
+            return Err(FleetError::Invalid(format!(
+                "`{id}` is not a fleet run id (fleet-YYYYMMDDTHHMMSSZ-xxxxxx; `runbook fleet runs` lists them)"
+            )));
+        }
         let p = path(state_dir, id);
         let file = std::fs::File::open(&p).map_err(|_| {
             FleetError::Invalid(format!(

@@ -98,6 +98,38 @@ fn an_unknown_limit_and_an_unknown_group_member_are_named() {
 }
 
 #[test]
+fn a_fleet_run_id_that_is_a_path_is_refused_and_nothing_outside_the_state_dir_is_read() {
+    let sb = sandbox("hosts: {}\n");
+    // A well-formed record outside the state dir: neither read nor locked.
+    sb.write(
+        "elsewhere/x.jsonl",
+        "{\"event\":\"fleet-started\",\"format\":\"runbook-fleet/1\"}\n",
+    );
+    for args in [
+        ["show", "../elsewhere/x"],
+        ["resume", "../../elsewhere/x"],
+        ["show", "/tmp/x"],
+    ] {
+        let r = sb.run(&[&["fleet"], &args[..]].concat());
+        assert_eq!(r.code, 2, "{r:?}");
+        assert!(
+            r.stderr
+                .contains(&format!("`{}` is not a fleet run id", args[1])),
+            "{r:?}"
+        );
+    }
+    let left: Vec<_> = std::fs::read_dir(sb.p("elsewhere")).unwrap().collect();
+    assert_eq!(left.len(), 1, "something was written beside the record");
+    let r = sb.run(&["fleet", "show", "fleet-20991231T000000Z-abcdef"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("no fleet run `fleet-20991231T000000Z-abcdef`"),
+        "{r:?}"
+    );
+}
+
+#[test]
 fn a_dynamically_linked_engine_is_refused_before_any_host_is_contacted() {
     // 127.0.0.1:9 (discard) would fail to connect: the refusal must come first.
     let sb = sandbox(
