@@ -73,7 +73,7 @@ pub enum FleetCommand {
         #[arg(long, value_name = "FILE", env = "RUNBOOK_FLEET_ENGINE")]
         engine: Option<PathBuf>,
         /// Override the fleet run's --parallel.
-        #[arg(long, value_name = "N")]
+        #[arg(long, value_name = "N", value_parser = parse_parallel)]
         parallel: Option<usize>,
         /// Override the fleet run's --max-fail.
         #[arg(long, value_name = "K|P%", value_parser = crate::fleet::scheduler::FailLimit::parse)]
@@ -106,10 +106,20 @@ pub struct Target {
 #[derive(Debug, Args, Clone)]
 pub struct Window {
     /// How many hosts run at once (a sliding window: a host starts as soon as one ends).
-    #[arg(long, value_name = "N", default_value_t = 1)]
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = parse_parallel)]
     pub parallel: usize,
     /// Stop starting hosts once K hosts (or P% of the selected hosts) have failed;
     /// running ones finish, the rest are reported not started [default: no limit].
     #[arg(long, value_name = "K|P%", value_parser = crate::fleet::scheduler::FailLimit::parse)]
     pub max_fail: Option<crate::fleet::scheduler::FailLimit>,
+}
+
+/// `--parallel`: at least one host at a time (0 would run nothing, silently).
+fn parse_parallel(text: &str) -> Result<usize, String> {
+    match text.parse::<usize>() {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(format!(
+            "`{text}` is not a number of hosts to run at once: give 1 or more"
+        )),
+    }
 }

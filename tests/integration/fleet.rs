@@ -95,6 +95,18 @@ fn an_unknown_limit_and_an_unknown_group_member_are_named() {
         "{}",
         r.stderr
     );
+    // A window of 0 would run nothing and report nothing: refused.
+    let r = sb.run(&[
+        "fleet",
+        "run",
+        "t/count",
+        "--hosts",
+        "hosts.yaml",
+        "--parallel",
+        "0",
+    ]);
+    assert_eq!(r.code, 2);
+    assert!(r.stderr.contains("give 1 or more"), "{}", r.stderr);
 }
 
 #[test]
