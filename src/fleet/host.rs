@@ -2,6 +2,7 @@
 //! its run started or continued there over SSH, its events passed back as they come,
 //! and how it ended.
 
+use std::collections::BTreeMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -53,15 +54,101 @@ fn asks_for_loader(bytes: &[u8]) -> Option<bool> {
     Some(interp)
 }
 
+/// Engine builds found static and of a version, by file identity (path, device,
+/// inode, size, mtime and ctime: any write to the file changes its ctime), with their
+/// sha256: hashing a 24 MB build and running it cost ~120 ms per fleet command.
+const CHECKED_ENGINES: &str = "checked-engines.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct CheckedEngine {
+    sha256: String,
+    version: String,
+}
+
+fn file_identity(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some(format!(
+        "{}|{}|{}|{}|{}.{}|{}.{}",
+        path.display(),
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec()
+    ))
+}
+
+fn checked_engines(state_dir: &Path) -> BTreeMap<String, CheckedEngine> {
+    std::fs::read(record::dir(state_dir).join(CHECKED_ENGINES))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+/// Keeps what was found (the newest 16 builds), written whole and renamed; a failure
+/// to write only costs the next command the check again.
+fn remember_engine(state_dir: &Path, identity: String, engine: &Engine) {
+    let mut all = checked_engines(state_dir);
+    all.retain(|k, _| !k.starts_with(&format!("{}|", engine.path.display())));
+    if all.len() >= 16 {
+        all.clear();
+    }
+    all.insert(
+        identity,
+        CheckedEngine {
+            sha256: engine.sha256.clone(),
+            version: engine.version.clone(),
+        },
+    );
+    let dir = record::dir(state_dir);
+    let tmp = dir.join(format!("{CHECKED_ENGINES}.tmp{}", std::process::id()));
+    let written = std::fs::create_dir_all(&dir)
+        .and_then(|()| std::fs::write(&tmp, serde_json::to_vec(&all).unwrap_or_default()))
+        .and_then(|()| std::fs::rename(&tmp, dir.join(CHECKED_ENGINES)));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+}
+
 impl Engine {
     /// `given` (`--engine`) or this program, checked: statically linked, and
-    /// reporting this version.
-    pub fn resolve(given: Option<&Path>) -> Result<Engine, FleetError> {
+    /// reporting this version. A build checked before (same file, unchanged) is taken
+    /// from `STATE_DIR/fleet/checked-engines.json`; `remember` records a new one there
+    /// (not for `fleet plan`, which writes nothing).
+    pub fn resolve(
+        given: Option<&Path>,
+        state_dir: &Path,
+        remember: bool,
+    ) -> Result<Engine, FleetError> {
         let path = match given {
             Some(p) => crate::params::absolute(p),
             None => std::env::current_exe()
                 .map_err(|e| FleetError::Internal(format!("cannot find this program: {e}")))?,
         };
+        let ours = format!("runbook {}", env!("CARGO_PKG_VERSION"));
+        let identity = file_identity(&path);
+        if let Some(known) = identity
+            .as_ref()
+            .and_then(|id| checked_engines(state_dir).remove(id))
+            .filter(|k| k.version == ours)
+        {
+            return Ok(Engine {
+                path,
+                sha256: known.sha256,
+                version: known.version,
+            });
+        }
+        let engine = Self::check(path, &ours)?;
+        if let (true, Some(identity)) = (remember, identity) {
+            remember_engine(state_dir, identity, &engine);
+        }
+        Ok(engine)
+    }
+
+    fn check(path: PathBuf, ours: &str) -> Result<Engine, FleetError> {
         let mut bytes = Vec::new();
         std::fs::File::open(&path)
             .and_then(|mut f| f.read_to_end(&mut bytes))
@@ -91,7 +178,6 @@ impl Engine {
                 FleetError::Refused(format!("cannot run the engine {}: {e}", path.display()))
             })?;
         let version = String::from_utf8_lossy(&out.stdout).trim().to_string();
-        let ours = format!("runbook {}", env!("CARGO_PKG_VERSION"));
         if version != ours {
             return Err(FleetError::Refused(format!(
                 "the engine {} reports `{version}`, this controller is `{ours}`: every host must run the same version; {build}",

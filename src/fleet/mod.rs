@@ -176,7 +176,7 @@ impl Ctx<'_> {
         let hosts = self.hosts(target)?;
         let loaded = self.load(&target.name)?;
         let given = self.given(&target.inputs, &loaded)?;
-        let engine = Engine::resolve(target.engine.as_deref())?;
+        let engine = Engine::resolve(target.engine.as_deref(), self.state_dir, true)?;
         let stage = Shipment::prepare(self.state_dir, &engine, &loaded.bundle)?;
         let id = format!("fleet-{}", crate::app::new_run_id());
         let mut writer = Writer::create(self.state_dir, &id)?;
@@ -253,7 +253,7 @@ impl Ctx<'_> {
                 loaded.bundle.diff_from(&run.header.files)
             )));
         }
-        let engine = Engine::resolve(engine)?;
+        let engine = Engine::resolve(engine, self.state_dir, true)?;
         if engine.sha256 != run.header.engine_sha256 {
             return Err(FleetError::Refused(format!(
                 "the engine {} (sha256 {}) is not the one fleet run {id} installed (sha256 {}): pass that build with --engine",
@@ -333,7 +333,7 @@ impl Ctx<'_> {
     fn install(&self, target: &Target) -> Result<Exit, FleetError> {
         let hosts = self.hosts(target)?;
         let loaded = self.load(&target.name)?;
-        let engine = Engine::resolve(target.engine.as_deref())?;
+        let engine = Engine::resolve(target.engine.as_deref(), self.state_dir, true)?;
         let stage = Shipment::prepare(self.state_dir, &engine, &loaded.bundle)?;
         let shipment = Shipment {
             engine: &engine,

@@ -124,7 +124,7 @@ pub fn plan(ctx: &Ctx, target: &Target) -> Result<Exit, FleetError> {
     let hosts = ctx.hosts(target)?;
     let loaded = ctx.load(&target.name)?;
     let given = ctx.given(&target.inputs, &loaded)?;
-    let engine = Engine::resolve(target.engine.as_deref())?;
+    let engine = Engine::resolve(target.engine.as_deref(), ctx.state_dir, false)?;
     let digest = loaded.bundle.digest.clone();
     let plans: Vec<HostPlan> = std::thread::scope(|s| {
         let handles: Vec<_> = hosts

@@ -142,6 +142,66 @@ fn a_fleet_run_id_that_is_a_path_is_refused_and_nothing_outside_the_state_dir_is
 }
 
 #[test]
+fn an_engine_checked_before_is_not_hashed_again_until_its_file_changes() {
+    // 127.0.0.1:9 (discard) refuses the connection: the host is unreachable, exit 1,
+    // after the engine was accepted.
+    let sb = sandbox(
+        "hosts:\n  a:\n    address: 127.0.0.1\n    port: 9\n    ssh_key: key\n    known_hosts: known_hosts\n",
+    );
+    std::fs::copy(static_runbook(), sb.p("engine")).unwrap();
+    let run = || {
+        sb.run(&[
+            "fleet",
+            "run",
+            "t/count",
+            "--hosts",
+            "hosts.yaml",
+            "--set",
+            "out=/tmp/x",
+            "--engine",
+            "engine",
+        ])
+    };
+    let r = run();
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("unreachable"), "{r:?}");
+    let checked = sb.read("state/fleet/checked-engines.json");
+    assert!(checked.contains("/engine|"), "{checked}");
+    // The next run takes the sha256 from there (a planted one shows it was not hashed).
+    let mut doc: Json = serde_json::from_str(&checked).unwrap();
+    for entry in doc.as_object_mut().unwrap().values_mut() {
+        entry["sha256"] = Json::String("f".repeat(64));
+    }
+    sb.write("state/fleet/checked-engines.json", &doc.to_string());
+    assert_eq!(run().code, 1);
+    let records: Vec<String> = std::fs::read_dir(sb.p("state/fleet"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+        .map(|p| std::fs::read_to_string(p).unwrap())
+        .collect();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        records
+            .iter()
+            .filter(|r| r.contains(&format!("\"engine_sha256\":\"{}\"", "f".repeat(64))))
+            .count(),
+        1,
+        "{records:?}"
+    );
+    // The same file, rewritten in place (same inode) with a dynamically linked build:
+    // its ctime moved, so it is checked again and refused.
+    std::fs::write(
+        sb.p("engine"),
+        std::fs::read(env!("CARGO_BIN_EXE_runbook")).unwrap(),
+    )
+    .unwrap();
+    let r = run();
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("is dynamically linked"), "{r:?}");
+}
+
+#[test]
 fn a_dynamically_linked_engine_is_refused_before_any_host_is_contacted() {
     // 127.0.0.1:9 (discard) would fail to connect: the refusal must come first.
     let sb = sandbox(
