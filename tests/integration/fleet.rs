@@ -751,6 +751,57 @@ fn a_killed_controller_is_resumed_and_no_step_runs_twice_on_any_host() {
 }
 
 #[test]
+fn a_controller_killed_at_any_point_of_install_and_run_is_resumed_to_one_run_of_each_step() {
+    let fleet = Fleet::counting(&["a", "b", "c"]);
+    // From the first connection through the upload of the engine (24 MB) to the runs.
+    for delay_ms in [30, 250, 700, 1500, 3000] {
+        for name in ["a", "b", "c"] {
+            let _ = std::fs::remove_dir_all(fleet.host(name).dir.path().join("fleet"));
+            let _ = std::fs::remove_file(fleet.file(name, "out"));
+            fleet.open_gate(name, "go");
+        }
+        let _ = std::fs::remove_dir_all(fleet.sb.p("state"));
+        let mut run = fleet
+            .cmd(&["run", "t/count", "--hosts", "hosts.yaml", "--parallel", "3"])
+            .args(["--vars", "secrets.yaml"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        run.kill().unwrap();
+        run.wait().unwrap();
+        let r = fleet.fleet(&["runs", "--format", "json"]);
+        if r.stdout.trim() == "[]" {
+            // Killed before its record: no host was contacted yet.
+            for name in ["a", "b", "c"] {
+                assert!(!fleet.host(name).dir.path().join("fleet").exists());
+            }
+            continue;
+        }
+        let id = fleet.only_run();
+        // Where the kill landed, for the log: installed or not, steps done.
+        let installed: Vec<bool> = ["a", "b", "c"]
+            .iter()
+            .map(|n| fleet.host(n).dir.path().join("fleet/runbooks").exists())
+            .collect();
+        eprintln!(
+            "killed after {delay_ms} ms: runbook files there {installed:?}, lines {:?}",
+            ["a", "b", "c"].map(|n| fleet.count(n).lines().count())
+        );
+        let r = fleet.fleet(&["resume", &id, "--vars", "secrets.yaml"]);
+        assert_eq!(r.code, 0, "killed after {delay_ms} ms: {r:?}");
+        for name in ["a", "b", "c"] {
+            assert_eq!(
+                fleet.count(name),
+                "one\ntwo\nthree\n",
+                "host {name}, killed after {delay_ms} ms"
+            );
+        }
+    }
+}
+
+#[test]
 fn max_fail_1_with_two_failing_hosts_starts_no_more_and_resume_finishes_the_rest() {
     let fleet = Fleet::counting(&["a", "b", "c"]);
     fleet.open_gate("a", "fail");
