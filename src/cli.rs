@@ -296,8 +296,7 @@ pub fn run() -> i32 {
             | Command::Completions { .. }
             | Command::Man
             | Command::Fleet {
-                command: crate::fleet::cli::FleetCommand::Plan { .. }
-                    | crate::fleet::cli::FleetCommand::Runs
+                command: crate::fleet::cli::FleetCommand::Runs
                     | crate::fleet::cli::FleetCommand::Show { .. }
             }
     ) {

@@ -163,14 +163,23 @@ pub fn plan(ctx: &Ctx, target: &Target) -> Result<Exit, FleetError> {
             "ok": exit == Exit::Success,
             "hosts": plans,
         });
-        println!(
-            "{}",
+        print_quietly(&format!(
+            "{}\n",
             serde_json::to_string_pretty(&value).unwrap_or_default()
-        );
+        ));
         return Ok(exit);
     }
-    print!("{}", side_by_side(&loaded.bundle.name, &plans));
+    print_quietly(&side_by_side(&loaded.bundle.name, &plans));
     Ok(exit)
+}
+
+/// Prints, and says nothing when the reader has gone (`fleet plan | head`). `fleet
+/// plan` keeps SIGPIPE ignored, unlike `plan`: it writes each host's values to its
+/// ssh's stdin, and an ssh that failed at once (a host whose link is down) must make
+/// that write fail, not kill the controller.
+fn print_quietly(text: &str) {
+    use std::io::Write;
+    let _ = std::io::stdout().lock().write_all(text.as_bytes());
 }
 
 /// (step key, verdict label, detail).
