@@ -31,6 +31,25 @@ fn sandbox(inventory: &str) -> Sandbox {
     sb
 }
 
+/// One host at 127.0.0.1:9 (discard), where nothing listens: ssh fails at once.
+const REFUSING_HOST: &str = "hosts:\n  a:\n    address: 127.0.0.1\n    port: 9\n    ssh_key: key\n    known_hosts: known_hosts\n";
+
+/// `fleet COMMAND t/count --hosts hosts.yaml EXTRA...` in the sandbox.
+fn fleet_on(sb: &Sandbox, command: &str, extra: &[&str]) -> Run {
+    sb.run(
+        &[
+            &["fleet", command, "t/count", "--hosts", "hosts.yaml"],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
+/// `fleet run` with `--engine ENGINE`.
+fn run_with_engine(sb: &Sandbox, engine: &str) -> Run {
+    fleet_on(sb, "run", &["--set", "out=/tmp/x", "--engine", engine])
+}
+
 #[test]
 fn fleet_schema_file_matches_the_code() {
     let sb = Sandbox::new();
@@ -52,7 +71,7 @@ fn an_address_that_ssh_would_read_as_an_option_is_refused_at_its_line() {
     let sb = sandbox(
         "hosts:\n  a:\n    address: -oProxyCommand=touch${IFS}/tmp/pwned\n    ssh_key: key\n    known_hosts: known_hosts\n",
     );
-    let r = sb.run(&["fleet", "run", "t/count", "--hosts", "hosts.yaml"]);
+    let r = fleet_on(&sb, "run", &[]);
     assert_eq!(r.code, 2, "{}", r.stderr);
     assert!(
         r.stderr.contains("hosts.yaml:3:14")
@@ -71,7 +90,7 @@ fn an_address_that_ssh_would_read_as_an_option_is_refused_at_its_line() {
 fn an_unknown_limit_and_an_unknown_group_member_are_named() {
     let inv = "hosts:\n  web1:\n    address: 127.0.0.1\n    ssh_key: key\n    known_hosts: known_hosts\ngroups:\n  web: [web1, web2]\n";
     let sb = sandbox(inv);
-    let r = sb.run(&["fleet", "run", "t/count", "--hosts", "hosts.yaml"]);
+    let r = fleet_on(&sb, "run", &[]);
     assert_eq!(r.code, 2);
     assert!(
         r.stderr.contains("hosts.yaml:7:15") && r.stderr.contains("no host named `web2`"),
@@ -79,15 +98,7 @@ fn an_unknown_limit_and_an_unknown_group_member_are_named() {
         r.stderr
     );
     sb.write("hosts.yaml", &inv.replace(", web2", ""));
-    let r = sb.run(&[
-        "fleet",
-        "plan",
-        "t/count",
-        "--hosts",
-        "hosts.yaml",
-        "--limit",
-        "wbe",
-    ]);
+    let r = fleet_on(&sb, "plan", &["--limit", "wbe"]);
     assert_eq!(r.code, 2);
     assert!(
         r.stderr.contains("--limit: no host or group named `wbe`")
@@ -96,15 +107,7 @@ fn an_unknown_limit_and_an_unknown_group_member_are_named() {
         r.stderr
     );
     // A window of 0 would run nothing and report nothing: refused.
-    let r = sb.run(&[
-        "fleet",
-        "run",
-        "t/count",
-        "--hosts",
-        "hosts.yaml",
-        "--parallel",
-        "0",
-    ]);
+    let r = fleet_on(&sb, "run", &["--parallel", "0"]);
     assert_eq!(r.code, 2);
     assert!(r.stderr.contains("give 1 or more"), "{}", r.stderr);
 }
@@ -142,26 +145,23 @@ fn a_fleet_run_id_that_is_a_path_is_refused_and_nothing_outside_the_state_dir_is
 }
 
 #[test]
-fn an_engine_checked_before_is_not_hashed_again_until_its_file_changes() {
-    // 127.0.0.1:9 (discard) refuses the connection: the host is unreachable, exit 1,
-    // after the engine was accepted.
-    let sb = sandbox(
-        "hosts:\n  a:\n    address: 127.0.0.1\n    port: 9\n    ssh_key: key\n    known_hosts: known_hosts\n",
-    );
+fn a_plan_whose_ssh_fails_before_reading_its_values_reports_the_host_instead_of_dying() {
+    // More than a pipe holds (64 KiB): the write of the host's values to its ssh is
+    // still going when ssh gives up, and fails with EPIPE (not SIGPIPE).
+    let sb = sandbox(REFUSING_HOST);
+    sb.write("big.yaml", &format!("out: /tmp/{}\n", "x".repeat(200_000)));
     std::fs::copy(static_runbook(), sb.p("engine")).unwrap();
-    let run = || {
-        sb.run(&[
-            "fleet",
-            "run",
-            "t/count",
-            "--hosts",
-            "hosts.yaml",
-            "--set",
-            "out=/tmp/x",
-            "--engine",
-            "engine",
-        ])
-    };
+    let r = fleet_on(&sb, "plan", &["--vars", "big.yaml", "--engine", "engine"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.contains("unreachable"), "{r:?}");
+}
+
+#[test]
+fn an_engine_checked_before_is_not_hashed_again_until_its_file_changes() {
+    // The host refuses the connection: unreachable, exit 1, after the engine passed.
+    let sb = sandbox(REFUSING_HOST);
+    std::fs::copy(static_runbook(), sb.p("engine")).unwrap();
+    let run = || run_with_engine(&sb, "engine");
     let r = run();
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("unreachable"), "{r:?}");
@@ -203,21 +203,9 @@ fn an_engine_checked_before_is_not_hashed_again_until_its_file_changes() {
 
 #[test]
 fn a_dynamically_linked_engine_is_refused_before_any_host_is_contacted() {
-    // 127.0.0.1:9 (discard) would fail to connect: the refusal must come first.
-    let sb = sandbox(
-        "hosts:\n  a:\n    address: 127.0.0.1\n    port: 9\n    ssh_key: key\n    known_hosts: known_hosts\n",
-    );
-    let r = sb.run(&[
-        "fleet",
-        "run",
-        "t/count",
-        "--hosts",
-        "hosts.yaml",
-        "--set",
-        "out=/tmp/x",
-        "--engine",
-        env!("CARGO_BIN_EXE_runbook"),
-    ]);
+    // The host would refuse the connection: the engine's refusal must come first.
+    let sb = sandbox(REFUSING_HOST);
+    let r = run_with_engine(&sb, env!("CARGO_BIN_EXE_runbook"));
     assert_eq!(r.code, 3, "{}\n{}", r.stdout, r.stderr);
     assert!(
         r.stderr.contains("is dynamically linked") && r.stderr.contains("crt-static"),
@@ -225,15 +213,7 @@ fn a_dynamically_linked_engine_is_refused_before_any_host_is_contacted() {
         r.stderr
     );
     assert!(!sb.p("state/fleet").exists());
-    let r = sb.run(&[
-        "fleet",
-        "run",
-        "t/count",
-        "--hosts",
-        "hosts.yaml",
-        "--set",
-        "outt=/tmp/x",
-    ]);
+    let r = fleet_on(&sb, "run", &["--set", "outt=/tmp/x"]);
     assert_eq!(r.code, 2);
     assert!(
         r.stderr
@@ -864,26 +844,19 @@ fn max_fail_1_with_two_failing_hosts_starts_no_more_and_resume_finishes_the_rest
 
     // An unreachable host is a failure of its own kind, never a success.
     fleet.host("c").link_down();
-    let r = fleet.fleet(&[
-        "run",
-        "t/count",
-        "--hosts",
-        "hosts.yaml",
-        "--limit",
-        "c",
-        "--vars",
-        "secrets.yaml",
-    ]);
-    let plan = fleet.fleet(&[
-        "plan",
-        "t/count",
-        "--hosts",
-        "hosts.yaml",
-        "--limit",
-        "c",
-        "--vars",
-        "secrets.yaml",
-    ]);
+    let on_c = |command: &str| {
+        fleet.fleet(&[
+            command,
+            "t/count",
+            "--hosts",
+            "hosts.yaml",
+            "--limit",
+            "c",
+            "--vars",
+            "secrets.yaml",
+        ])
+    };
+    let (r, plan) = (on_c("run"), on_c("plan"));
     fleet.host("c").link_up();
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stdout.contains("unreachable"), "{r:?}");
