@@ -718,10 +718,25 @@ fn a_killed_controller_is_resumed_and_no_step_runs_twice_on_any_host() {
         assert!(before[name].1.is_some(), "{before:?}");
         fleet.open_gate(name, "go");
     }
-    // Another controller (a fresh state dir would not have the record; the same one
-    // is what an operator has) resumes every host where its run is.
-    let r = fleet.fleet(&["resume", &id, "--vars", "secrets.yaml"]);
+    // Another controller, given only the record file (its own state dir otherwise
+    // empty), resumes every host where its run is.
+    let record = format!("fleet/{id}.jsonl");
+    fleet.sb.write(
+        &format!("other-state/{record}"),
+        &fleet.sb.read(&format!("state/{record}")),
+    );
+    let r: Run = fleet
+        .cmd(&["resume", &id, "--vars", "secrets.yaml"])
+        .env("RUNBOOK_STATE_DIR", fleet.sb.p("other-state"))
+        .output()
+        .unwrap()
+        .into();
     assert_eq!(r.code, 0, "{r:?}");
+    std::fs::copy(
+        fleet.sb.p(&format!("other-state/{record}")),
+        fleet.sb.p(&format!("state/{record}")),
+    )
+    .unwrap();
     let after = fleet.statuses(&id);
     for name in ["a", "b", "c"] {
         assert_eq!(after[name].0, "succeeded", "{after:?}");
