@@ -88,8 +88,9 @@ fn checked_engines(state_dir: &Path) -> BTreeMap<String, CheckedEngine> {
         .unwrap_or_default()
 }
 
-/// Keeps what was found (the newest 16 builds), written whole and renamed; a failure
-/// to write only costs the next command the check again.
+/// Keeps what was found (one entry per path, 16 at most: past that it starts over),
+/// written whole and renamed; a failure to write only costs the next command the
+/// check again.
 fn remember_engine(state_dir: &Path, identity: String, engine: &Engine) {
     let mut all = checked_engines(state_dir);
     all.retain(|k, _| !k.starts_with(&format!("{}|", engine.path.display())));
