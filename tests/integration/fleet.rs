@@ -262,6 +262,8 @@ const SECRET: &str = "fleet-s3cret-7Qx9";
 struct Fleet {
     sb: Sandbox,
     hosts: BTreeMap<String, OffsiteHost>,
+    /// The search path the fleet commands get (`--path`): the sandbox's `runbooks/`.
+    runbooks: PathBuf,
 }
 
 impl Fleet {
@@ -292,7 +294,12 @@ impl Fleet {
         inventory += &format!("groups:\n  all: [{}]\n", names.join(", "));
         sb.write("hosts.yaml", &inventory);
         sb.write("secrets.yaml", &format!("token: {SECRET}\n"));
-        Fleet { sb, hosts }
+        let runbooks = sb.p("runbooks");
+        Fleet {
+            sb,
+            hosts,
+            runbooks,
+        }
     }
 
     /// Hosts for [`COUNTING`] (`runbooks/t/count.yaml`).
@@ -329,15 +336,11 @@ impl Fleet {
     /// `runbook [--path runbooks] fleet ARGS` with the static engine.
     fn cmd(&self, args: &[&str]) -> Command {
         let mut c = self.sb.cmd(&["--path"]);
-        c.arg(self.runbooks())
+        c.arg(&self.runbooks)
             .arg("fleet")
             .args(args)
             .env("RUNBOOK_FLEET_ENGINE", static_runbook());
         c
-    }
-
-    fn runbooks(&self) -> PathBuf {
-        self.sb.p("runbooks")
     }
 
     fn fleet(&self, args: &[&str]) -> Run {
@@ -349,7 +352,7 @@ impl Fleet {
         let line = format!(
             "{} --path {} fleet {args}",
             env!("CARGO_BIN_EXE_runbook"),
-            self.runbooks().display()
+            self.runbooks.display()
         );
         let out = Command::new("script")
             .args(["-qec", &line, "/dev/null"])
@@ -515,20 +518,16 @@ fn fleet_backup_of_three_sandboxes_plans_without_writing_then_runs_with_a_journa
             (n.to_string(), dir)
         })
         .collect();
-    let fleet = Fleet::start(&["a", "b", "c"], |name, _| {
+    let mut fleet = Fleet::start(&["a", "b", "c"], |name, _| {
         let text = std::fs::read_to_string(sandboxes[name].path().join("sandbox.yaml")).unwrap();
         serde_yaml::from_str::<Json>(&text).unwrap()
     });
-    let runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks");
-    let fleet_cmd = |args: &[&str]| -> Run {
-        let mut c = fleet.sb.cmd(&["--path", runbooks, "fleet"]);
-        c.args(args).env("RUNBOOK_FLEET_ENGINE", static_runbook());
-        c.output().unwrap().into()
-    };
+    // The bundled AtoCore runbooks.
+    fleet.runbooks = concat!(env!("CARGO_MANIFEST_DIR"), "/runbooks").into();
     let target = ["atocore/backup", "--hosts", "hosts.yaml"];
 
     // A plan before anything is installed installs nothing and says what to do.
-    let r = fleet_cmd(&[&["plan"], &target[..]].concat());
+    let r = fleet.fleet(&[&["plan"], &target[..]].concat());
     assert_eq!(r.code, 3, "{r:?}");
     assert!(
         r.stdout.contains("fleet install") || r.stderr.contains("fleet install"),
@@ -541,7 +540,7 @@ fn fleet_backup_of_three_sandboxes_plans_without_writing_then_runs_with_a_journa
         );
     }
 
-    let r = fleet_cmd(&[&["install"], &target[..]].concat());
+    let r = fleet.fleet(&[&["install"], &target[..]].concat());
     assert_eq!(r.code, 0, "{r:?}");
 
     // The plan is read-only on every host: its fleet dir and its AtoCore tree.
@@ -558,7 +557,7 @@ fn fleet_backup_of_three_sandboxes_plans_without_writing_then_runs_with_a_journa
             .collect()
     };
     let before = trees();
-    let r = fleet_cmd(&[&["plan"], &target[..]].concat());
+    let r = fleet.fleet(&[&["plan"], &target[..]].concat());
     assert_eq!(r.code, 0, "{r:?}");
     for name in ["a", "b", "c"] {
         assert!(
@@ -569,7 +568,7 @@ fn fleet_backup_of_three_sandboxes_plans_without_writing_then_runs_with_a_journa
     }
     assert!(before == trees(), "fleet plan wrote on a host");
 
-    let r = fleet_cmd(
+    let r = fleet.fleet(
         &[
             &["run"],
             &target[..],
@@ -623,7 +622,7 @@ fn fleet_backup_of_three_sandboxes_plans_without_writing_then_runs_with_a_journa
             .join("srv/storage/atocore/data/db/atocore.db"),
     )
     .unwrap();
-    let r = fleet_cmd(&[&["plan"], &target[..]].concat());
+    let r = fleet.fleet(&[&["plan"], &target[..]].concat());
     assert_eq!(r.code, 3, "{r:?}");
     let text = format!("{}{}", r.stdout, r.stderr);
     assert!(
