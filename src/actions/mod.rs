@@ -456,6 +456,7 @@ pub fn registry() -> &'static [&'static dyn ActionKind] {
         &offsite::OffsiteList,
         &offsite::OffsiteFetch,
         &offsite::OffsiteRetention,
+        &offsite::check::OffsiteCheck,
     ]
 }
 

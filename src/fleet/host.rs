@@ -260,6 +260,7 @@ pub fn repo_args(host: &Host) -> RepoArgs {
         dir: host.spec.dir.clone(),
         ssh_key: host.spec.ssh_key.clone(),
         known_hosts: host.spec.known_hosts.clone(),
+        key: None,
     }
 }
 

@@ -120,14 +120,21 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
 }
 
 fn repo_yaml(h: &OffsiteHost) -> String {
+    repo_yaml_pinned(h, None)
+}
+
+/// The repo arguments, with the repository key's fingerprint pinned when `key` is given
+/// (how a host that does not keep the key trusts the repository).
+fn repo_yaml_pinned(h: &OffsiteHost, key: Option<&str>) -> String {
     format!(
-        "{{host: \"{}\", port: {}, user: {}, dir: \"{}\", ssh_key: \"{}\", known_hosts: \"{}\"}}",
+        "{{host: \"{}\", port: {}, user: {}, dir: \"{}\", ssh_key: \"{}\", known_hosts: \"{}\"{}}}",
         h.host,
         h.port,
         h.user,
         h.repo_dir.display(),
         h.ssh_key.display(),
-        h.known_hosts.display()
+        h.known_hosts.display(),
+        key.map(|k| format!(", key: \"{k}\"")).unwrap_or_default()
     )
 }
 
@@ -156,12 +163,13 @@ fn fetch_runbook(
     stamp: &str,
     identity: &Path,
     dest: &Path,
+    key: Option<&str>,
 ) {
     sb.write(
         &format!("runbooks/{name}.yaml"),
         &format!(
             "version: 1\nsteps:\n  - id: fetch\n    action: offsite-fetch\n    with:\n      repo: {}\n      stamp: \"{stamp}\"\n      identity: \"{}\"\n      dest: \"{}\"\n",
-            repo_yaml(h),
+            repo_yaml_pinned(h, key),
             identity.display(),
             dest.display()
         ),
@@ -272,7 +280,7 @@ fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_n
     assert_eq!(plan.code, 0, "{plan:?}");
     assert!(
         plan.stdout.contains(&format!(
-            "encrypt and send 64 of 64 objects (22.9 MiB before encryption) of 70 files as 20261201T020000Z to root@{}:22 (a new object-id key: every object is new)",
+            "offsite-push: create the repository (a new key) and send all 70 files (22.9 MiB), encrypted, as 20261201T020000Z to root@{}:22; verified there by digest before the snapshot is committed",
             host.host
         )),
         "{plan:?}"
@@ -294,11 +302,12 @@ fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_n
     assert_eq!(out["verified"], true);
     assert_eq!(out["objects"], 64);
     assert_eq!(out["objects_sent"], 64);
-    assert!(
-        host.repo_dir
-            .join("snapshots/20261201T020000Z/verified")
-            .is_file()
-    );
+    // The snapshot is committed (its file linked last), and the key's fingerprint is
+    // what a new host pins.
+    assert!(host.repo_dir.join("snapshots/20261201T020000Z").is_file());
+    assert!(host.repo_dir.join("config").is_file());
+    let key = out["key"].as_str().unwrap().to_string();
+    assert_eq!(key.len(), 32, "{out}");
 
     // Nothing plaintext on the remote: no content, no file name of the snapshot.
     for (path, data) in all_bytes(&host.repo_dir) {
@@ -338,7 +347,11 @@ fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_n
     assert!(!r.stdout.contains(ssh_body) && !r.stderr.contains(ssh_body));
 
     let listed = list(&sb, &host);
-    assert_eq!(listed["20261201T020000Z"]["verified"], true, "{listed:?}");
+    assert_eq!(
+        listed["20261201T020000Z"]["authenticated"], true,
+        "{listed:?}"
+    );
+    assert_eq!(listed["20261201T020000Z"]["complete"], true, "{listed:?}");
 
     // A new host: its own sandbox and state dir; only the identity and the repo args.
     let fresh = Sandbox::new();
@@ -347,12 +360,14 @@ fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_n
     std::fs::copy(&identity, &id2).unwrap();
     let dest = fresh.p("restore/snapshot");
     std::fs::create_dir_all(fresh.p("restore")).unwrap();
-    fetch_runbook(&fresh, &host, "recover", "latest", &id2, &dest);
+    fetch_runbook(&fresh, &host, "recover", "latest", &id2, &dest, Some(&key));
     let plan = fresh.run(&["plan", "recover"]);
     assert_eq!(plan.code, 0, "{plan:?}");
     assert!(
-        plan.stdout.contains("fetch snapshot 20261201T020000Z from")
-            && plan.stdout.contains("verify and decrypt 70 files"),
+        plan.stdout.contains(&format!(
+            "fetch snapshot 20261201T020000Z from root@{}:22 (authenticated by key {key}): 64 objects, decrypt and check 70 files (22.9 MiB)",
+            host.host
+        )),
         "{plan:?}"
     );
     assert!(!dest.exists(), "the plan wrote the destination");
@@ -380,8 +395,9 @@ fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_n
     push_runbook(&sb, &host, "push2", &snap, "20261202T020000Z", &recipient);
     let plan = sb.run(&["plan", "push2"]);
     assert!(
-        plan.stdout
-            .contains("encrypt and send 0 of 64 objects (0 B before encryption)"),
+        plan.stdout.contains(
+            "send at most a new manifest: all 70 files (22.9 MiB) are unchanged since the last push"
+        ),
         "{plan:?}"
     );
     let crossed = host.bytes_crossed();
@@ -397,7 +413,12 @@ fn a_pushed_snapshot_fetched_onto_a_new_host_is_identical_and_the_remote_holds_n
         link * 100 <= total,
         "{link} bytes crossed the link for a {total}-byte snapshot"
     );
-    assert_eq!(list(&sb, &host)["20261202T020000Z"]["verified"], true);
+    let listed = list(&sb, &host);
+    assert_eq!(
+        listed["20261202T020000Z"]["authenticated"], true,
+        "{listed:?}"
+    );
+    assert_eq!(listed["20261202T020000Z"]["complete"], true, "{listed:?}");
 }
 
 #[test]
@@ -480,7 +501,15 @@ fn the_age_cli_reads_what_runbook_wrote_and_runbook_reads_what_the_cli_wrote() {
     assert_ne!(rewritten, list);
     std::fs::write(snapdir.join("objects"), rewritten).unwrap();
     let dest = sb.p("restored");
-    fetch_runbook(&sb, &host, "fetch", "20261201T020000Z", &identity, &dest);
+    fetch_runbook(
+        &sb,
+        &host,
+        "fetch",
+        "20261201T020000Z",
+        &identity,
+        &dest,
+        None,
+    );
     let r = sb.run(&["run", "fetch", "--yes"]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(tree(&dest), tree(&snap));
@@ -519,7 +548,15 @@ fn a_damaged_object_or_manifest_is_refused_before_anything_reaches_dest() {
     let manifest_file = snapdir.join("manifest.age");
     let dest = sb.p("restore/dest");
     std::fs::create_dir_all(sb.p("restore")).unwrap();
-    fetch_runbook(&sb, &host, "fetch", "20261201T020000Z", &identity, &dest);
+    fetch_runbook(
+        &sb,
+        &host,
+        "fetch",
+        "20261201T020000Z",
+        &identity,
+        &dest,
+        None,
+    );
 
     type Damage = fn(&Path);
     let flip: Damage = |p| {
@@ -614,14 +651,22 @@ fn the_fetch_plan_names_the_identity_when_it_is_missing_or_cannot_decrypt() {
     push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
     assert_eq!(sb.run(&["run", "push", "--yes"]).code, 0);
     let dest = sb.p("dest");
-    fetch_runbook(&sb, &host, "missing", "latest", &sb.p("nope.txt"), &dest);
+    fetch_runbook(
+        &sb,
+        &host,
+        "missing",
+        "latest",
+        &sb.p("nope.txt"),
+        &dest,
+        None,
+    );
     let r = sb.run(&["plan", "missing"]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
         r.stdout.contains("would fail") && r.stdout.contains("(argument `identity`)"),
         "{r:?}"
     );
-    fetch_runbook(&sb, &host, "wrong", "latest", &other, &dest);
+    fetch_runbook(&sb, &host, "wrong", "latest", &other, &dest, None);
     let r = sb.run(&["plan", "wrong"]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
@@ -696,7 +741,7 @@ fn a_link_cut_mid_push_fails_clearly_and_resume_sends_only_what_is_missing() {
         "resume sent {sent} objects; {at_cut} were there already: {out}"
     );
     let dest = sb.p("dest");
-    fetch_runbook(&sb, &host, "fetch", "latest", &identity, &dest);
+    fetch_runbook(&sb, &host, "fetch", "latest", &identity, &dest, None);
     assert_eq!(sb.run(&["run", "fetch", "--yes"]).code, 0);
     assert_eq!(tree(&dest), tree(&snap));
 }
@@ -918,7 +963,15 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
         "{plan:?}"
     );
     let dest = sb.p("dest");
-    fetch_runbook(&sb, &host, "fetch", "20261101T020000Z", &identity, &dest);
+    fetch_runbook(
+        &sb,
+        &host,
+        "fetch",
+        "20261101T020000Z",
+        &identity,
+        &dest,
+        None,
+    );
     assert_eq!(sb.run(&["run", "fetch", "--yes"]).code, 0);
     assert_eq!(tree(&dest), tree(&new));
 }

@@ -1,21 +1,29 @@
-//! `offsite-fetch`: everything is checked before anything reaches `dest`. The order is
-//! (1) the manifest's ciphertext digest against the snapshot's list, then its AEAD by
-//! decrypting it; (2) every object's presence and size in the listing; (3) every
-//! fetched ciphertext's sha256; (4) each file's AEAD and plaintext sha256 while it is
-//! decrypted into a staging sibling of `dest`. Only then is the staging tree renamed
-//! to `dest`. A `dest` that already holds exactly the snapshot is the step done.
+//! `offsite-fetch`: trust first, then one pass. The repository key is this host's own
+//! or the one whose fingerprint is pinned; the snapshot file must carry that key's
+//! HMAC and name the stamp asked for; the manifest object must decrypt to bytes whose
+//! HMAC is its name and pass [`Manifest::check`]. Only then are the objects streamed
+//! (one connection, one listing before it), each decrypted and its HMAC computed as it
+//! is written, beneath a new staging directory through directory handles
+//! (`openat`/`mkdirat`/`symlinkat` with `O_NOFOLLOW|O_EXCL`): no path is resolved by
+//! text, so no entry can be written through a link. A file whose bytes are not the
+//! manifest's refuses the snapshot and the staging tree is removed; only a whole,
+//! checked tree is renamed to `dest`. A `dest` that already holds exactly the
+//! snapshot is the step done.
 
 use std::collections::BTreeMap;
+use std::ffi::CString;
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::crypto::{self, CryptoError, Identities};
-use super::repo::{self, Entry, Inventory, Kind, Manifest, ObjectList, object_path};
+use super::format::{self, Cipher, Entry, Index, Kind, Manifest, Signed, Snapshot, object_path};
+use super::key::{self, RepoKey};
+use super::repo::{self, Depth, Listing};
 use super::ssh::Remote;
 use super::{FetchArgs, human, resume_hint};
 use crate::actions::{ActionCtx, Outputs, guard};
@@ -26,14 +34,6 @@ pub enum Planned {
     Fails(String),
 }
 
-/// The snapshot chosen, its list and its decrypted manifest.
-struct Chosen {
-    stamp: String,
-    list: ObjectList,
-    manifest: Manifest,
-    inv: Inventory,
-}
-
 fn link_error(remote: &Remote, e: super::ssh::SshError) -> String {
     if e.is_link() {
         format!("{e}; {}", resume_hint(remote))
@@ -42,37 +42,228 @@ fn link_error(remote: &Remote, e: super::ssh::SshError) -> String {
     }
 }
 
-fn choose(args: &FetchArgs, remote: &Remote, ids: &Identities) -> Result<Chosen, String> {
-    let inv = Inventory::read(remote, repo::Texts::Lists).map_err(|e| match e {
+/// The repository as one full listing shows it, and the key it is trusted with.
+pub struct Opened {
+    pub listing: Listing,
+    pub key: RepoKey,
+    /// Ciphertext digests the authenticated index files record, by object name.
+    pub ciphers: BTreeMap<String, Vec<Cipher>>,
+    /// Index files that did not authenticate.
+    pub bad_index: Vec<String>,
+}
+
+pub fn open(remote: &Remote, state_dir: &Path, ids: Option<&Identities>) -> Result<Opened, String> {
+    open_with(remote, state_dir, ids, None)
+}
+
+/// [`open`], taking `holder`'s lock in the same listing (given back on any failure).
+pub fn open_with(
+    remote: &Remote,
+    state_dir: &Path,
+    ids: Option<&Identities>,
+    holder: Option<&repo::Holder>,
+) -> Result<Opened, String> {
+    let take = holder.map(|h| repo::Take {
+        name: &h.name,
+        lock: &h.lock,
+    });
+    let listing = Listing::read(remote, Depth::Full, take, &[]).map_err(|e| match e {
         repo::RepoError::Ssh(e) => link_error(remote, e),
         other => other.to_string(),
     })?;
-    let mut stamps = inv.stamps();
-    stamps.sort();
-    let stamp = if args.stamp == "latest" {
-        stamps
-            .iter()
-            .rev()
-            .find(|s| inv.marker(s).is_some())
-            .cloned()
-            .ok_or_else(|| {
-                format!(
-                    "no verified snapshot on {} in `{}` (argument `stamp`: latest)",
-                    remote.target(),
-                    args.repo.dir.display()
-                )
-            })?
-    } else if repo::valid_stamp(&args.stamp) {
-        args.stamp.clone()
-    } else {
+    let opened = opened(remote, state_dir, ids, listing, holder);
+    if opened.is_err()
+        && let Some(h) = holder
+    {
+        let _ = repo::unlock(remote, std::slice::from_ref(&h.name));
+    }
+    opened
+}
+
+fn opened(
+    remote: &Remote,
+    state_dir: &Path,
+    ids: Option<&Identities>,
+    listing: Listing,
+    holder: Option<&repo::Holder>,
+) -> Result<Opened, String> {
+    if let Some(h) = holder {
+        let (dead, conflict) = h.judge(&listing);
+        if let Some((name, lock)) = conflict {
+            return Err(repo::locked_message(remote, &name, &lock));
+        }
+        repo::unlock(remote, &dead).map_err(|e| link_error(remote, e))?;
+    }
+    if listing.config.is_none() {
+        return Err(format!(
+            "there is no off-site repository on {} in `{}` (no config: nothing was ever pushed there, or the first push did not finish)",
+            remote.target(),
+            remote.repo.dir.display()
+        ));
+    }
+    let local = RepoKey::load(&key::local_key_path(&remote.repo.local_dir(state_dir)))?;
+    let key = repo::key_for(remote, &listing, local, ids)?;
+    let mut ciphers: BTreeMap<String, Vec<Cipher>> = BTreeMap::new();
+    let mut bad_index = Vec::new();
+    for (name, text) in listing.index_files() {
+        match Index::open(text, &key) {
+            Ok(index) => {
+                for (id, c) in index.objects {
+                    ciphers.entry(id).or_default().push(c);
+                }
+            }
+            Err(_) => bad_index.push(name.to_string()),
+        }
+    }
+    Ok(Opened {
+        listing,
+        key,
+        ciphers,
+        bad_index,
+    })
+}
+
+/// One snapshot as the repository holds it.
+pub struct Assessed {
+    pub snapshot: Snapshot,
+    pub manifest: Manifest,
+    /// Objects of its files (and its manifest) missing there or of another size than
+    /// was sent.
+    pub missing: Vec<String>,
+}
+
+impl Assessed {
+    pub fn complete(&self) -> bool {
+        self.missing.is_empty()
+    }
+}
+
+/// Authenticates the snapshots `stamps` and reads their manifests (one transfer for
+/// all of them); a snapshot that fails says why.
+pub fn assess(
+    remote: &Remote,
+    o: &Opened,
+    stamps: &[String],
+) -> Result<BTreeMap<String, Result<Assessed, String>>, String> {
+    let mut out: BTreeMap<String, Result<Assessed, String>> = BTreeMap::new();
+    let mut snaps: BTreeMap<String, Snapshot> = BTreeMap::new();
+    for stamp in stamps {
+        let path = format::snapshot_path(stamp);
+        let r = match o.listing.texts.get(&path) {
+            None => Err(format!("{path} is not there")),
+            Some(text) => match Snapshot::open(text, &o.key) {
+                Err(why) => Err(format!("{path} {why}")),
+                Ok(s) if s.stamp != *stamp => Err(format!(
+                    "{path} is snapshot {} copied under another stamp (replayed)",
+                    s.stamp
+                )),
+                Ok(s) if s.version != format::VERSION => {
+                    Err(format!("{path} is of version {}", s.version))
+                }
+                Ok(s) => Ok(s),
+            },
+        };
+        match r {
+            Ok(s) => {
+                snaps.insert(stamp.clone(), s);
+            }
+            Err(e) => {
+                out.insert(stamp.clone(), Err(e));
+            }
+        }
+    }
+    let mut wanted: Vec<String> = snaps
+        .values()
+        .map(|s| object_path(&s.manifest))
+        .filter(|p| o.listing.objects.contains_key(p))
+        .collect();
+    wanted.sort();
+    wanted.dedup();
+    let files = repo::get_files(remote, &wanted)
+        .map_err(|e| format!("reading manifests from {}: {e}", remote.target()))?;
+    let ids = o.key.identities();
+    for (stamp, s) in snaps {
+        let mpath = object_path(&s.manifest);
+        let r = (|| {
+            let sealed = files
+                .get(&mpath)
+                .ok_or_else(|| format!("its manifest {mpath} is missing"))?;
+            let plain = crypto::decrypt_bytes(&ids, sealed, "")
+                .map_err(|_| format!("its manifest {mpath} does not decrypt (damaged)"))?;
+            if crypto::hex(&key::hmac(&o.key.id_key(), &plain)) != s.manifest {
+                return Err(format!(
+                    "its manifest {mpath} holds other bytes than its name says (swapped or forged)"
+                ));
+            }
+            let manifest: Manifest = serde_json::from_slice(&plain)
+                .map_err(|e| format!("its manifest {mpath} does not parse: {e}"))?;
+            manifest
+                .check()
+                .map_err(|why| format!("its manifest {mpath} is refused: {why}"))?;
+            let mut missing = Vec::new();
+            for id in manifest.objects() {
+                let p = object_path(id);
+                match o.listing.objects.get(&p) {
+                    None => missing.push(format!("{p} is missing")),
+                    Some(n) => {
+                        if let Some(known) = o.ciphers.get(id)
+                            && !known.iter().any(|c| c.bytes == *n)
+                        {
+                            missing.push(format!("{p} has {n} bytes, other than were sent"));
+                        }
+                    }
+                }
+            }
+            Ok(Assessed {
+                snapshot: s,
+                manifest,
+                missing,
+            })
+        })();
+        out.insert(stamp, r);
+    }
+    Ok(out)
+}
+
+/// The snapshot to fetch: the stamp asked for, or `latest`, the newest that is
+/// authenticated and complete.
+fn choose(args: &FetchArgs, remote: &Remote, o: &Opened) -> Result<(String, Assessed), String> {
+    let stamps = o.listing.stamps();
+    let refuse = |stamp: &str, why: &str| format!("refusing snapshot {stamp}: {why}");
+    if args.stamp == "latest" {
+        let mut newest_first = stamps.clone();
+        newest_first.reverse();
+        let mut assessed = assess(remote, o, &newest_first)?;
+        let mut skipped = Vec::new();
+        for stamp in &newest_first {
+            match assessed.remove(stamp) {
+                Some(Ok(a)) if a.complete() => return Ok((stamp.clone(), a)),
+                Some(Ok(a)) => skipped.push(format!("{stamp}: {}", a.missing.join(", "))),
+                Some(Err(e)) => skipped.push(format!("{stamp}: {e}")),
+                None => {}
+            }
+        }
+        return Err(format!(
+            "no authenticated, complete snapshot on {} in `{}` (argument `stamp`: latest){}",
+            remote.target(),
+            args.repo.dir.display(),
+            if skipped.is_empty() {
+                String::new()
+            } else {
+                format!("; passed over: {}", skipped.join("; "))
+            }
+        ));
+    }
+    if !format::valid_stamp(&args.stamp) {
         return Err(format!(
             "`stamp`: `{}` is not a snapshot name (letters, digits, `-`, `_`, `.`)",
             args.stamp
         ));
-    };
-    if !stamps.contains(&stamp) {
+    }
+    if !stamps.contains(&args.stamp) {
         return Err(format!(
-            "no snapshot {stamp} on {} (argument `stamp`); there: {}",
+            "no snapshot {} on {} (argument `stamp`); there: {}",
+            args.stamp,
             remote.target(),
             if stamps.is_empty() {
                 "none".to_string()
@@ -81,131 +272,15 @@ fn choose(args: &FetchArgs, remote: &Remote, ids: &Identities) -> Result<Chosen,
             }
         ));
     }
-    if inv.marker(&stamp).is_none() {
-        return Err(format!(
-            "snapshot {stamp} on {} was never verified (its push did not finish): resume that push, or fetch another stamp",
-            remote.target()
-        ));
+    match assess(remote, o, std::slice::from_ref(&args.stamp))?.remove(&args.stamp) {
+        Some(Ok(a)) if a.complete() => Ok((args.stamp.clone(), a)),
+        Some(Ok(a)) => Err(refuse(
+            &args.stamp,
+            &format!("{} on {}", a.missing.join(", "), remote.target()),
+        )),
+        Some(Err(e)) => Err(refuse(&args.stamp, &e)),
+        None => Err(refuse(&args.stamp, "it could not be read")),
     }
-    let list = inv.list(&stamp).ok_or_else(|| {
-        format!(
-            "refusing snapshot {stamp}: its object list {} on {} is missing or damaged",
-            repo::list_path(&stamp),
-            remote.target()
-        )
-    })?;
-    let mpath = repo::manifest_path(&stamp);
-    let listed = list.manifest.clone().expect("parse requires it");
-    let refuse = |why: &str| format!("refusing snapshot {stamp}: its manifest {mpath} {why}");
-    match inv.files.get(&mpath) {
-        None => return Err(refuse("is missing on the remote")),
-        Some(n) if *n != listed.bytes => {
-            return Err(refuse(&format!(
-                "has {n} bytes on the remote, {} were sent (truncated or damaged)",
-                listed.bytes
-            )));
-        }
-        Some(_) => {}
-    }
-    let sealed = repo::get(remote, &mpath).map_err(|e| link_error(remote, e))?;
-    if crypto::sha256_hex(&sealed) != listed.sha256 {
-        return Err(refuse("does not match its digest (damaged on the remote)"));
-    }
-    let plain = match decrypt_manifest(ids, &sealed) {
-        Ok(p) => p,
-        Err(DecryptFailure::NotARecipient) => {
-            return Err(format!(
-                "the identity `{}` cannot decrypt the manifest of snapshot {stamp} (argument `identity`): it holds none of the keys the snapshot was encrypted to",
-                args.identity.display()
-            ));
-        }
-        Err(DecryptFailure::Damaged(why)) => return Err(refuse(&format!("is damaged: {why}"))),
-    };
-    let manifest: Manifest =
-        serde_json::from_slice(&plain).map_err(|e| refuse(&format!("does not parse: {e}")))?;
-    Ok(Chosen {
-        stamp,
-        list,
-        manifest,
-        inv,
-    })
-}
-
-enum DecryptFailure {
-    NotARecipient,
-    Damaged(String),
-}
-
-fn decrypt_manifest(ids: &Identities, sealed: &[u8]) -> Result<Vec<u8>, DecryptFailure> {
-    let decryptor =
-        age::Decryptor::new(sealed).map_err(|e| DecryptFailure::Damaged(e.to_string()))?;
-    let mut reader = match decryptor.decrypt(ids.iter().map(|i| i.as_ref() as &dyn age::Identity)) {
-        Ok(r) => r,
-        Err(age::DecryptError::NoMatchingKeys) => return Err(DecryptFailure::NotARecipient),
-        Err(e) => return Err(DecryptFailure::Damaged(e.to_string())),
-    };
-    let mut out = Vec::new();
-    reader
-        .read_to_end(&mut out)
-        .map_err(|e| DecryptFailure::Damaged(e.to_string()))?;
-    Ok(out)
-}
-
-/// Checks every object of the snapshot by the remote's sha256, naming the first
-/// problem's object and the files it holds.
-fn remote_check(
-    remote: &Remote,
-    c: &Chosen,
-    h: &BTreeMap<String, Vec<String>>,
-    dest: &Path,
-) -> Result<(), String> {
-    let names: Vec<String> = c.list.objects.keys().map(|id| object_path(id)).collect();
-    let digests = repo::remote_digests(remote, &names).map_err(|e| link_error(remote, e))?;
-    for (id, l) in &c.list.objects {
-        let p = object_path(id);
-        let why = match digests.get(&p) {
-            None => format!("is missing on {}", remote.target()),
-            Some(r) if r.bytes != l.bytes => format!(
-                "has {} bytes on {}, {} were sent (truncated or damaged)",
-                r.bytes,
-                remote.target(),
-                l.bytes
-            ),
-            Some(r) if r.sha256.as_deref() != Some(l.sha256.as_str()) => {
-                format!("does not match its digest (damaged on {})", remote.target())
-            }
-            Some(_) => continue,
-        };
-        return Err(format!(
-            "refusing snapshot {}: object {p} (holds {}) {why}; nothing was written to `{}`",
-            c.stamp,
-            holds(h, id),
-            dest.display()
-        ));
-    }
-    Ok(())
-}
-
-/// The files each object holds, for messages.
-fn holders(manifest: &Manifest) -> BTreeMap<String, Vec<String>> {
-    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
-    for e in &manifest.entries {
-        if let Some(id) = &e.object {
-            map.entry(id.clone()).or_default().push(e.path.clone());
-        }
-    }
-    map
-}
-
-fn holds(h: &BTreeMap<String, Vec<String>>, id: &str) -> String {
-    h.get(id)
-        .map(|v| {
-            v.iter()
-                .map(|p| format!("`{p}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        })
-        .unwrap_or_default()
 }
 
 /// What `dest` is now.
@@ -217,7 +292,7 @@ enum Dest {
     Other,
 }
 
-fn dest_state(dest: &Path, manifest: &Manifest) -> Result<Dest, String> {
+fn dest_state(dest: &Path, manifest: &Manifest, key: &RepoKey) -> Result<Dest, String> {
     let meta = match std::fs::symlink_metadata(dest) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Dest::Absent),
         Err(e) => return Err(format!("cannot read `{}`: {e}", dest.display())),
@@ -233,7 +308,7 @@ fn dest_state(dest: &Path, manifest: &Manifest) -> Result<Dest, String> {
     if empty {
         return Ok(Dest::Empty);
     }
-    Ok(if matches_manifest(dest, manifest) {
+    Ok(if matches_manifest(dest, manifest, key) {
         Dest::Same
     } else {
         Dest::Other
@@ -241,13 +316,14 @@ fn dest_state(dest: &Path, manifest: &Manifest) -> Result<Dest, String> {
 }
 
 /// Whether the tree at `root` is the snapshot: the same entries, kinds, modes, link
-/// targets and file contents (by sha256).
-fn matches_manifest(root: &Path, manifest: &Manifest) -> bool {
+/// targets and file contents (by their HMAC, the object name).
+fn matches_manifest(root: &Path, manifest: &Manifest, key: &RepoKey) -> bool {
     let mut expected: BTreeMap<&str, &Entry> = manifest
         .entries
         .iter()
         .map(|e| (e.path.as_str(), e))
         .collect();
+    let id_key = key.id_key();
     for item in walkdir::WalkDir::new(root).follow_links(false) {
         let Ok(item) = item else { return false };
         let Some(rel) = item.path().strip_prefix(root).ok().and_then(|p| p.to_str()) else {
@@ -273,7 +349,7 @@ fn matches_manifest(root: &Path, manifest: &Manifest) -> bool {
                 t.is_file()
                     && m.mode() & 0o7777 == e.mode
                     && Some(m.len()) == e.size
-                    && file_sha(item.path()).ok() == e.sha256
+                    && hmac_of(item.path(), &id_key).ok() == e.object
             }
         };
         if !same {
@@ -283,8 +359,8 @@ fn matches_manifest(root: &Path, manifest: &Manifest) -> bool {
     expected.is_empty()
 }
 
-fn file_sha(path: &Path) -> std::io::Result<String> {
-    crypto::sha256_file(path).map(|(sha, _)| sha)
+fn hmac_of(path: &Path, id_key: &[u8; 32]) -> std::io::Result<String> {
+    key::hmac_file(path, id_key, &mut vec![0u8; 1 << 20], None)
 }
 
 fn staging_of(dest: &Path) -> PathBuf {
@@ -300,24 +376,59 @@ fn load(args: &FetchArgs) -> Result<Identities, String> {
     crypto::load_identities(&args.identity).map_err(|e: CryptoError| e.to_string())
 }
 
-pub fn plan(args: &FetchArgs, _ctx: &ActionCtx) -> Result<String, Planned> {
+/// Free bytes where `dest` will be made.
+fn room_at(dest: &Path) -> Option<u64> {
+    let mut dir = dest.parent()?.to_path_buf();
+    while !dir.exists() {
+        dir = dir.parent()?.to_path_buf();
+    }
+    let c = CString::new(dir.as_os_str().as_encoded_bytes()).ok()?;
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed out-struct of the right type.
+    (unsafe { libc::statvfs(c.as_ptr(), &mut s) } == 0)
+        .then(|| s.f_bavail as u64 * s.f_frsize as u64)
+}
+
+/// The room a snapshot's tree takes: its bytes rounded to 4 KiB blocks, and a block
+/// per directory and link.
+fn room_needed(manifest: &Manifest) -> u64 {
+    manifest
+        .entries
+        .iter()
+        .map(|e| e.size.unwrap_or(0).div_ceil(4096).max(1) * 4096)
+        .sum()
+}
+
+fn check_room(dest: &Path, manifest: &Manifest) -> Result<(), String> {
+    let need = room_needed(manifest);
+    match room_at(dest) {
+        Some(free) if free < need => Err(format!(
+            "`{}` has {} free, the snapshot needs {}: make room, or fetch to another `dest`",
+            dest.parent().unwrap_or(dest).display(),
+            human(free),
+            human(need)
+        )),
+        _ => Ok(()),
+    }
+}
+
+pub fn plan(args: &FetchArgs, ctx: &ActionCtx) -> Result<String, Planned> {
     let ids = load(args).map_err(Planned::Fails)?;
     let remote = Remote::new(&args.repo);
-    let c = choose(args, &remote, &ids).map_err(Planned::Fails)?;
-    let files = c
+    let o = open(&remote, &ctx.state_dir, Some(&ids)).map_err(Planned::Fails)?;
+    let (stamp, a) = choose(args, &remote, &o).map_err(Planned::Fails)?;
+    let files = a
         .manifest
         .entries
         .iter()
         .filter(|e| e.kind == Kind::File)
         .count();
-    let plain: u64 = c.manifest.entries.iter().filter_map(|e| e.size).sum();
-    let bytes: u64 = c.list.objects.values().map(|l| l.bytes).sum();
-    match dest_state(&args.dest, &c.manifest).map_err(Planned::Fails)? {
+    let plain: u64 = a.manifest.entries.iter().filter_map(|e| e.size).sum();
+    match dest_state(&args.dest, &a.manifest, &o.key).map_err(Planned::Fails)? {
         Dest::Same => {
             return Err(Planned::Done(format!(
-                "`{}` already holds snapshot {} from {}",
+                "`{}` already holds snapshot {stamp} from {}",
                 args.dest.display(),
-                c.stamp,
                 remote.target()
             )));
         }
@@ -329,22 +440,15 @@ pub fn plan(args: &FetchArgs, _ctx: &ActionCtx) -> Result<String, Planned> {
         }
         Dest::Absent | Dest::Empty => {}
     }
-    if let Err(e) = guard::writable(&args.dest, _ctx) {
+    if let Err(e) = guard::writable(&args.dest, ctx) {
         return Err(Planned::Fails(e.to_string()));
     }
-    // The remote's digests of the snapshot's objects (only digests cross): a damaged
-    // one fails the plan as it would fail the run.
-    let h = holders(&c.manifest);
-    if let Err(e) = remote_check(&remote, &c, &h, &args.dest) {
-        return Err(Planned::Fails(e));
-    }
+    check_room(&args.dest, &a.manifest).map_err(Planned::Fails)?;
     Ok(format!(
-        "fetch snapshot {} from {}: {} objects ({}), verify and decrypt {} files ({}) into `{}`",
-        c.stamp,
+        "fetch snapshot {stamp} from {} (authenticated by key {}): {} objects, decrypt and check {files} files ({}) into `{}`",
         remote.target(),
-        c.list.objects.len(),
-        human(bytes),
-        files,
+        o.key.fingerprint(),
+        a.manifest.objects().len(),
         human(plain),
         args.dest.display()
     ))
@@ -353,24 +457,26 @@ pub fn plan(args: &FetchArgs, _ctx: &ActionCtx) -> Result<String, Planned> {
 pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     let ids = load(args)?;
     let remote = Remote::new(&args.repo);
-    let c = choose(args, &remote, &ids)?;
-    let files = c
+    let o = open(&remote, &ctx.state_dir, Some(&ids))?;
+    let (stamp, a) = choose(args, &remote, &o)?;
+    let files = a
         .manifest
         .entries
         .iter()
         .filter(|e| e.kind == Kind::File)
         .count();
-    let plain: u64 = c.manifest.entries.iter().filter_map(|e| e.size).sum();
+    let plain: u64 = a.manifest.entries.iter().filter_map(|e| e.size).sum();
     let out = |received: u64| {
-        let mut o = Outputs::new();
-        o.insert("stamp".into(), json!(c.stamp));
-        o.insert("path".into(), json!(args.dest));
-        o.insert("files".into(), json!(files));
-        o.insert("bytes".into(), json!(plain));
-        o.insert("bytes_received".into(), json!(received));
-        o
+        let mut m = Outputs::new();
+        m.insert("stamp".into(), json!(stamp));
+        m.insert("path".into(), json!(args.dest));
+        m.insert("files".into(), json!(files));
+        m.insert("bytes".into(), json!(plain));
+        m.insert("bytes_received".into(), json!(received));
+        m.insert("key".into(), json!(o.key.fingerprint()));
+        m
     };
-    let dest_was = dest_state(&args.dest, &c.manifest)?;
+    let dest_was = dest_state(&args.dest, &a.manifest, &o.key)?;
     match dest_was {
         Dest::Same => return Ok(out(0)),
         Dest::Other => {
@@ -382,91 +488,31 @@ pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
         Dest::Absent | Dest::Empty => {}
     }
     guard::writable(&args.dest, ctx).map_err(|e| e.to_string())?;
-    let h = holders(&c.manifest);
-    remote_check(&remote, &c, &h, &args.dest)?;
-    // Every listed object there, whole, before anything is fetched.
-    for (id, l) in &c.list.objects {
-        let p = object_path(id);
-        match c.inv.files.get(&p) {
-            None => {
-                return Err(format!(
-                    "refusing snapshot {}: object {p} (holds {}) is missing on {}; nothing was written to `{}`",
-                    c.stamp,
-                    holds(&h, id),
-                    remote.target(),
-                    args.dest.display()
-                ));
-            }
-            Some(n) if *n != l.bytes => {
-                return Err(format!(
-                    "refusing snapshot {}: object {p} (holds {}) has {n} bytes on {}, {} were sent (truncated or damaged); nothing was written to `{}`",
-                    c.stamp,
-                    holds(&h, id),
-                    remote.target(),
-                    l.bytes,
-                    args.dest.display()
-                ));
-            }
-            Some(_) => {}
-        }
-    }
-    // Every object the manifest names must be one the list vouches for.
-    for e in &c.manifest.entries {
-        if let Some(id) = &e.object
-            && !c.list.objects.contains_key(id)
-        {
-            return Err(format!(
-                "refusing snapshot {}: `{}` is in object {id}, which its list does not name",
-                c.stamp, e.path
-            ));
-        }
-    }
-
-    let cache = args
-        .repo
-        .local_dir(&ctx.state_dir)
-        .join("fetch")
-        .join(&c.stamp);
-    std::fs::create_dir_all(&cache).map_err(|e| format!("creating `{}`: {e}", cache.display()))?;
-    let names: Vec<String> = c.list.objects.keys().map(|id| object_path(id)).collect();
-    let total: u64 = c.list.objects.values().map(|l| l.bytes).sum();
-    let bar = super::push::bar(total, format!("fetch from {}", remote.target()), ctx);
-    let t = remote
-        .download(&cache, &names, bar.as_ref())
-        .map_err(|e| link_error(&remote, e))?;
-    if let Some(b) = bar {
-        b.finish_and_clear();
-    }
-    for (id, l) in &c.list.objects {
-        let p = cache.join(object_path(id));
-        let got = file_sha(&p).map_err(|e| format!("reading `{}`: {e}", p.display()))?;
-        if got != l.sha256 {
-            // A later attempt fetches it again.
-            let _ = std::fs::remove_file(&p);
-            return Err(format!(
-                "refusing snapshot {}: object {} (holds {}) does not match its digest (damaged on {}); nothing was written to `{}`",
-                c.stamp,
-                object_path(id),
-                holds(&h, id),
-                remote.target(),
-                args.dest.display()
-            ));
-        }
-    }
-
+    check_room(&args.dest, &a.manifest)?;
     let staging = staging_of(&args.dest);
-    if staging.exists() {
+    if std::fs::symlink_metadata(&staging).is_ok() {
         std::fs::remove_dir_all(&staging)
             .map_err(|e| format!("removing `{}`: {e}", staging.display()))?;
     }
-    if let Err(e) = build(&staging, &cache, &c.manifest, &ids) {
-        let _ = std::fs::remove_dir_all(&staging);
-        return Err(format!(
-            "refusing snapshot {}: {e}; nothing was written to `{}`",
-            c.stamp,
-            args.dest.display()
-        ));
+    let total: u64 = a.manifest.entries.iter().filter_map(|e| e.size).sum();
+    let bar = super::push::bar(total, format!("fetch from {}", remote.target()), ctx);
+    let built = build(&remote, &staging, &a.manifest, &o.key, bar.as_ref());
+    if let Some(b) = bar {
+        b.finish_and_clear();
     }
+    let received = match built {
+        Ok(n) => n,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&staging);
+            return Err(match e {
+                Built::Refused(why) => format!(
+                    "refusing snapshot {stamp}: {why}; nothing was written to `{}`",
+                    args.dest.display()
+                ),
+                Built::Failed(why) => why,
+            });
+        }
+    };
     sync_tree(&staging);
     if matches!(dest_was, Dest::Empty) {
         std::fs::remove_dir(&args.dest)
@@ -474,107 +520,320 @@ pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     }
     std::fs::rename(&staging, &args.dest)
         .map_err(|e| format!("moving the fetched tree to `{}`: {e}", args.dest.display()))?;
-    let _ = std::fs::remove_dir_all(&cache);
-    Ok(out(t.bytes_received))
+    Ok(out(received))
 }
 
-/// Decrypts every file into `root`, checking each one's sha256, then sets modes and
-/// times (directories last, deepest first, so writing into them does not change them).
-fn build(root: &Path, cache: &Path, manifest: &Manifest, ids: &Identities) -> Result<(), String> {
-    let mut entries: Vec<&Entry> = manifest.entries.iter().collect();
-    entries.sort_by(|a, b| a.path.cmp(&b.path));
-    for e in &entries {
-        if e.path.split('/').any(|c| c == ".." || c == ".") || e.path.starts_with('/') {
-            return Err(format!(
-                "the manifest names `{}`, outside the snapshot",
-                e.path
-            ));
-        }
-        let to = if e.path.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&e.path)
+enum Built {
+    /// The snapshot's bytes are not what its manifest says.
+    Refused(String),
+    /// Anything else (the link, the disk).
+    Failed(String),
+}
+
+fn cstr(name: &str) -> Result<CString, Built> {
+    CString::new(name).map_err(|_| Built::Refused(format!("`{name}` holds a NUL byte")))
+}
+
+fn os(what: &str, path: &str) -> Built {
+    let e = std::io::Error::last_os_error();
+    Built::Failed(format!(
+        "{what} `{path}` in the fetch: {e}{}",
+        super::room_hint(&e)
+    ))
+}
+
+/// A directory of the tree being built, held open: everything below it is made
+/// relative to this handle.
+struct DirFd(OwnedFd);
+
+impl DirFd {
+    fn open_beneath(parent: &DirFd, name: &CString, path: &str) -> Result<DirFd, Built> {
+        // SAFETY: a valid descriptor and C string; the result is checked.
+        let fd = unsafe {
+            libc::openat(
+                parent.0.as_raw_fd(),
+                name.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
         };
-        let ctx = |what: &str, err: std::io::Error| format!("{what} `{}`: {err}", to.display());
-        match e.kind {
-            Kind::Dir => std::fs::create_dir_all(&to).map_err(|x| ctx("creating", x))?,
-            Kind::Symlink => {
-                let target = e.target.as_deref().unwrap_or_default();
-                std::os::unix::fs::symlink(target, &to).map_err(|x| ctx("creating", x))?;
-            }
-            Kind::File => {
-                let id = e.object.as_deref().unwrap_or_default();
-                let sealed = cache.join(object_path(id));
-                let input = File::open(&sealed)
-                    .map_err(|x| format!("reading `{}`: {x}", sealed.display()))?;
-                let mut reader =
-                    crypto::decrypt(ids, std::io::BufReader::new(input), "").map_err(|x| {
-                        format!(
-                            "object {} (holds `{}`) does not decrypt: {x}",
-                            object_path(id),
-                            e.path
-                        )
-                    })?;
-                let mut out =
-                    std::io::BufWriter::new(File::create(&to).map_err(|x| ctx("creating", x))?);
-                let mut h = Sha256::new();
-                let mut buf = vec![0u8; 1 << 16];
-                let mut size = 0u64;
-                loop {
-                    let n = reader.read(&mut buf).map_err(|x| {
-                        format!(
-                            "object {} (holds `{}`) is damaged: {x}",
-                            object_path(id),
-                            e.path
-                        )
-                    })?;
-                    if n == 0 {
-                        break;
-                    }
-                    h.update(&buf[..n]);
-                    size += n as u64;
-                    out.write_all(&buf[..n]).map_err(|x| ctx("writing", x))?;
-                }
-                out.flush().map_err(|x| ctx("writing", x))?;
-                let sha = crypto::hex(&h.finalize());
-                if Some(sha) != e.sha256 || Some(size) != e.size {
-                    return Err(format!(
-                        "object {} (holds `{}`) decrypts to other bytes than were shipped",
-                        object_path(id),
-                        e.path
-                    ));
-                }
-                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(e.mode))
-                    .map_err(|x| ctx("setting the mode of", x))?;
-                set_mtime(&to, e)?;
-            }
+        if fd < 0 {
+            return Err(os("opening", path));
         }
+        // SAFETY: a descriptor we just opened and own.
+        Ok(DirFd(unsafe { OwnedFd::from_raw_fd(fd) }))
     }
-    for e in entries.iter().rev().filter(|e| e.kind == Kind::Dir) {
-        let to = if e.path.is_empty() {
-            root.to_path_buf()
-        } else {
-            root.join(&e.path)
-        };
-        std::fs::set_permissions(&to, std::fs::Permissions::from_mode(e.mode))
-            .map_err(|x| format!("setting the mode of `{}`: {x}", to.display()))?;
-        set_mtime(&to, e)?;
+}
+
+fn set_times(fd: i32, e: &Entry, path: &str) -> Result<(), Built> {
+    let t = libc::timespec {
+        tv_sec: e.mtime as libc::time_t,
+        tv_nsec: e.mtime_nsec.min(999_999_999) as libc::c_long,
+    };
+    let times = [t, t];
+    // SAFETY: a valid descriptor and two timespecs.
+    if unsafe { libc::futimens(fd, times.as_ptr()) } != 0 {
+        return Err(os("setting the time of", path));
     }
     Ok(())
 }
 
-fn set_mtime(path: &Path, e: &Entry) -> Result<(), String> {
-    let t = std::time::UNIX_EPOCH
-        + std::time::Duration::new(e.mtime.max(0) as u64, e.mtime_nsec.min(999_999_999));
-    File::open(path)
-        .and_then(|f| f.set_modified(t))
-        .map_err(|x| format!("setting the time of `{}`: {x}", path.display()))
+/// Makes the tree in `root` (new): directories and links first, then every object
+/// streamed in one transfer and decrypted into the files that hold it, each checked
+/// by its HMAC; then modes and times. Returns the bytes received.
+fn build(
+    remote: &Remote,
+    root: &Path,
+    manifest: &Manifest,
+    key: &RepoKey,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<u64, Built> {
+    std::fs::create_dir(root).map_err(|e| {
+        Built::Failed(format!(
+            "creating `{}`: {e}{}",
+            root.display(),
+            super::room_hint(&e)
+        ))
+    })?;
+    let root_fd = File::open(root)
+        .map_err(|e| Built::Failed(format!("opening `{}`: {e}", root.display())))?;
+    let mut dirs: BTreeMap<&str, DirFd> = BTreeMap::new();
+    dirs.insert("", DirFd(OwnedFd::from(root_fd)));
+    let split = |p: &str| -> (String, String) {
+        match p.rsplit_once('/') {
+            Some((a, b)) => (a.to_string(), b.to_string()),
+            None => (String::new(), p.to_string()),
+        }
+    };
+    // The manifest is sorted and checked: every parent is a directory entry before
+    // its children.
+    let mut entries: Vec<&Entry> = manifest.entries.iter().collect();
+    entries.sort_by(|a, b| a.path.cmp(&b.path));
+    for e in &entries {
+        if e.path.is_empty() {
+            continue;
+        }
+        let (parent, name) = split(&e.path);
+        let pfd = dirs
+            .get(parent.as_str())
+            .ok_or_else(|| Built::Refused(format!("`{}` has no directory", e.path)))?;
+        let c = cstr(&name)?;
+        match e.kind {
+            Kind::Dir => {
+                // SAFETY: valid descriptor and C string; the result is checked.
+                if unsafe { libc::mkdirat(pfd.0.as_raw_fd(), c.as_ptr(), 0o700) } != 0 {
+                    return Err(os("creating", &e.path));
+                }
+                let fd = DirFd::open_beneath(pfd, &c, &e.path)?;
+                dirs.insert(e.path.as_str(), fd);
+            }
+            Kind::Symlink => {
+                let target = cstr(e.target.as_deref().unwrap_or_default())?;
+                // SAFETY: valid C strings and descriptor; the result is checked.
+                if unsafe { libc::symlinkat(target.as_ptr(), pfd.0.as_raw_fd(), c.as_ptr()) } != 0 {
+                    return Err(os("creating", &e.path));
+                }
+            }
+            Kind::File => {}
+        }
+    }
+    // Which files each object fills, in the order they are asked for.
+    let mut holders: BTreeMap<&str, Vec<&Entry>> = BTreeMap::new();
+    let mut order: Vec<&str> = Vec::new();
+    for e in entries.iter().filter(|e| e.kind == Kind::File) {
+        let id = e.object.as_deref().expect("checked");
+        let v = holders.entry(id).or_default();
+        if v.is_empty() {
+            order.push(id);
+        }
+        v.push(e);
+    }
+    let names: Vec<String> = order.iter().map(|id| object_path(id)).collect();
+    let ids = key.identities();
+    let id_key = key.id_key();
+    let mut received = 0u64;
+    let mut next = 0usize;
+    let streamed = repo::fetch(remote, &names, &mut |r| {
+        let mut counted = Counted { inner: r, bytes: 0 };
+        let result = (|| -> Result<(), Built> {
+            let mut archive = tar::Archive::new(&mut counted);
+            let mut it = archive
+                .entries()
+                .map_err(|e| Built::Failed(format!("reading the transfer: {e}")))?;
+            while next < order.len() {
+                let id = order[next];
+                let mut entry = match it.next() {
+                    Some(Ok(x)) => x,
+                    Some(Err(e)) => {
+                        return Err(Built::Failed(format!("reading the transfer: {e}")));
+                    }
+                    None => {
+                        return Err(Built::Refused(format!(
+                            "object {} is missing on {}",
+                            object_path(id),
+                            remote.target()
+                        )));
+                    }
+                };
+                let got = entry
+                    .path()
+                    .map(|p| p.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                if got != object_path(id) {
+                    return Err(Built::Refused(format!(
+                        "object {} is missing on {} (the transfer sent {got} in its place)",
+                        object_path(id),
+                        remote.target()
+                    )));
+                }
+                fill(&mut entry, id, &holders[id], &dirs, &ids, &id_key, bar)?;
+                next += 1;
+            }
+            Ok(())
+        })();
+        received = counted.bytes;
+        result.map_err(|b| match b {
+            Built::Refused(s) => format!("R{s}"),
+            Built::Failed(s) => format!("F{s}"),
+        })
+    });
+    if let Err(e) = streamed {
+        return Err(match (e.strip_prefix('R'), e.strip_prefix('F')) {
+            (Some(s), _) => Built::Refused(s.to_string()),
+            (_, Some(s)) => Built::Failed(s.to_string()),
+            _ => Built::Failed(e),
+        });
+    }
+    // Modes and times of the directories, deepest first (writing into one changes it).
+    for e in entries.iter().rev() {
+        match e.kind {
+            Kind::Dir => {
+                let fd = dirs[e.path.as_str()].0.as_raw_fd();
+                // SAFETY: a valid descriptor.
+                if unsafe { libc::fchmod(fd, e.mode) } != 0 {
+                    return Err(os("setting the mode of", &e.path));
+                }
+                set_times(fd, e, &e.path)?;
+            }
+            Kind::Symlink => {
+                let (parent, name) = split(&e.path);
+                let c = cstr(&name)?;
+                let t = libc::timespec {
+                    tv_sec: e.mtime as libc::time_t,
+                    tv_nsec: e.mtime_nsec.min(999_999_999) as libc::c_long,
+                };
+                // SAFETY: valid descriptor, C string and timespecs; a link's own time.
+                unsafe {
+                    libc::utimensat(
+                        dirs[parent.as_str()].0.as_raw_fd(),
+                        c.as_ptr(),
+                        [t, t].as_ptr(),
+                        libc::AT_SYMLINK_NOFOLLOW,
+                    )
+                };
+            }
+            Kind::File => {}
+        }
+    }
+    Ok(received)
+}
+
+struct Counted<'r> {
+    inner: &'r mut dyn Read,
+    bytes: u64,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+}
+
+/// Decrypts one object into every file that holds it (created new, never through a
+/// link), checking the plaintext's HMAC and size against the manifest.
+fn fill(
+    entry: &mut dyn Read,
+    id: &str,
+    files: &[&Entry],
+    dirs: &BTreeMap<&str, DirFd>,
+    ids: &Identities,
+    id_key: &[u8; 32],
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<(), Built> {
+    use hmac::{Hmac, KeyInit, Mac};
+    let name = object_path(id);
+    let holds = files
+        .iter()
+        .map(|e| format!("`{}`", e.path))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut outs: Vec<File> = Vec::new();
+    for e in files {
+        let (parent, base) = match e.path.rsplit_once('/') {
+            Some((a, b)) => (a, b),
+            None => ("", e.path.as_str()),
+        };
+        let c = cstr(base)?;
+        // SAFETY: a valid descriptor and C string; the result is checked.
+        let fd = unsafe {
+            libc::openat(
+                dirs[parent].0.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        };
+        if fd < 0 {
+            return Err(os("creating", &e.path));
+        }
+        // SAFETY: a descriptor we just opened and own.
+        outs.push(unsafe { File::from_raw_fd(fd) });
+    }
+    let mut reader = crypto::decrypt(ids, entry, "").map_err(|x| {
+        Built::Refused(format!(
+            "object {name} (holds {holds}) does not decrypt: {x}"
+        ))
+    })?;
+    let mut mac = <Hmac<sha2::Sha256> as KeyInit>::new_from_slice(id_key).expect("any key");
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut size = 0u64;
+    loop {
+        let n = reader.read(&mut buf).map_err(|x| {
+            Built::Refused(format!("object {name} (holds {holds}) is damaged: {x}"))
+        })?;
+        if n == 0 {
+            break;
+        }
+        mac.update(&buf[..n]);
+        size += n as u64;
+        for (f, e) in outs.iter_mut().zip(files) {
+            f.write_all(&buf[..n]).map_err(|x| {
+                Built::Failed(format!("writing `{}`: {x}{}", e.path, super::room_hint(&x)))
+            })?;
+        }
+        if let Some(b) = bar {
+            b.inc(n as u64);
+        }
+    }
+    if crypto::hex(&mac.finalize().into_bytes()) != id || Some(size) != files[0].size {
+        return Err(Built::Refused(format!(
+            "object {name} (holds {holds}) decrypts to other bytes than were shipped (swapped, forged or damaged)"
+        )));
+    }
+    for (f, e) in outs.iter().zip(files) {
+        // SAFETY: a valid descriptor.
+        if unsafe { libc::fchmod(f.as_raw_fd(), e.mode) } != 0 {
+            return Err(os("setting the mode of", &e.path));
+        }
+        set_times(f.as_raw_fd(), e, &e.path)?;
+    }
+    Ok(())
 }
 
 /// One syncfs for the whole tree: the rename that publishes it comes after its data.
 fn sync_tree(root: &Path) {
     if let Ok(f) = File::open(root) {
-        use std::os::fd::AsRawFd;
         // SAFETY: a valid descriptor we own for the call's duration.
         unsafe {
             libc::syncfs(f.as_raw_fd());

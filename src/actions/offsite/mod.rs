@@ -1,19 +1,25 @@
-//! Off-site copies: encrypted, content-addressed snapshots in a repository reached by
-//! OpenSSH (`offsite-push`, `offsite-list`, `offsite-fetch`, `offsite-retention`).
+//! Off-site copies: encrypted, content-addressed, authenticated snapshots in a
+//! repository reached by OpenSSH (`offsite-push`, `offsite-list`, `offsite-fetch`,
+//! `offsite-retention`, `offsite-check`). The format is in `format.rs`.
 //!
 //! Each file of a snapshot becomes one age-encrypted object named by a keyed hash of
-//! its bytes, so an unchanged file is never sent twice, and the remote learns neither
-//! content nor names. A push ends by checking the remote's digests of everything the
-//! snapshot lists and only then writes its `verified` marker. Every action is
-//! idempotent by construction: what is already there (objects, a verified snapshot, a
+//! its bytes, so an unchanged file is never sent twice, the remote learns neither
+//! content nor names, and whoever can write the off-site directory cannot make a
+//! restore take other bytes. A push is committed by the snapshot file it writes last,
+//! once the remote has checked the digest of everything sent. Every action is
+//! idempotent by construction: what is already there (objects, a committed snapshot, a
 //! restored tree) is recognised, so resume simply runs an interrupted step again.
 
+pub mod check;
 pub mod crypto;
 pub mod fetch;
+pub mod format;
+pub mod key;
 pub mod push;
 pub mod repo;
 pub mod ssh;
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use schemars::JsonSchema;
@@ -23,8 +29,18 @@ use serde_json::json;
 use super::snapshots;
 use super::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::World;
-use repo::{Inventory, RepoArgs, RepoError, check_snapshot, remote_digests};
+use format::{Cipher, Index, LockKind, Signed, object_path};
+use repo::{Holder, RepoArgs};
 use ssh::Remote;
+
+/// Words for an I/O error that a full disk explains.
+pub fn room_hint(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC) => " (no space left on that filesystem: make room there)",
+        Some(libc::EDQUOT) => " (the disk quota there is used up)",
+        _ => "",
+    }
+}
 
 /// Bytes as a person reads them.
 pub fn human(bytes: u64) -> String {
@@ -96,6 +112,7 @@ impl Action for OffsitePush {
         "bytes_sent",
         "bytes_total",
         "verified",
+        "key",
     ];
 
     fn effect(&self, _: &PushArgs) -> Effect {
@@ -103,7 +120,7 @@ impl Action for OffsitePush {
     }
 
     fn check_static(&self, args: &PushArgs) -> Result<(), (String, String)> {
-        if !args.stamp.contains("{{") && !repo::valid_stamp(&args.stamp) {
+        if !args.stamp.contains("{{") && !format::valid_stamp(&args.stamp) {
             return Err((
                 "stamp".into(),
                 format!(
@@ -118,7 +135,7 @@ impl Action for OffsitePush {
                     .map_err(|e| (format!("recipients[{i}]"), e.to_string()))?;
             }
         }
-        Ok(())
+        check_pin(&args.repo)
     }
 
     fn preflight(&self, args: &PushArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
@@ -151,71 +168,80 @@ impl Action for OffsitePush {
 // ---------------------------------------------------------------------------------
 // offsite-list
 
-/// List the snapshots of the off-site repository, each re-verified by remote digests.
+/// A pinned fingerprint that is not templated is checked at validate.
+fn check_pin(repo: &RepoArgs) -> Result<(), (String, String)> {
+    match repo.pinned() {
+        Some(k) if !k.contains("{{") && !format::valid_fingerprint(k) => Err((
+            "repo.key".into(),
+            format!("`{k}` is not a key fingerprint (32 hex digits, as offsite-push prints it)"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// List the snapshots of the off-site repository: authenticated, complete, last checked.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ListArgs {
     pub repo: RepoArgs,
+    /// The age identity file, on a host that does not keep the repository key (with
+    /// `repo.key` pinned); the pushing host needs neither.
+    #[serde(default)]
+    pub identity: Option<PathBuf>,
 }
 
 pub struct OffsiteList;
 
-/// Every snapshot there, newest first, each checked against its list by the remote's
-/// digests (only digests cross the link).
-pub fn listing(repo_args: &RepoArgs) -> Result<Outputs, String> {
-    repo_args.check()?;
-    let remote = Remote::new(repo_args);
-    let inv = Inventory::read(&remote, repo::Texts::Lists).map_err(|e| e.to_string())?;
-    let mut stamps = inv.stamps();
-    stamps.sort_by(|a, b| b.cmp(a));
-    let lists: Vec<(String, Option<repo::ObjectList>)> =
-        stamps.iter().map(|s| (s.clone(), inv.list(s))).collect();
-    let mut names: Vec<String> = lists
-        .iter()
-        .filter_map(|(s, l)| Some(l.as_ref()?.paths(s)))
-        .flatten()
-        .map(|(p, _)| p)
-        .filter(|p| inv.files.contains_key(p))
-        .collect();
-    names.sort();
-    names.dedup();
-    let digests = remote_digests(&remote, &names).map_err(|e| e.to_string())?;
+fn identities(identity: &Option<PathBuf>) -> Result<Option<crypto::Identities>, String> {
+    identity
+        .as_ref()
+        .map(|p| crypto::load_identities(p).map_err(|e| e.to_string()))
+        .transpose()
+}
+
+/// Every snapshot there, newest first: whether its file authenticates with the
+/// repository key, whether every object it needs is there with the size that was
+/// sent, and when an `offsite-check` last compared its objects' digests.
+pub fn listing(args: &ListArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
+    args.repo.check()?;
+    let ids = identities(&args.identity)?;
+    let remote = Remote::new(&args.repo);
+    let o = fetch::open(&remote, &ctx.state_dir, ids.as_ref())?;
+    let mut stamps = o.listing.stamps();
+    stamps.reverse();
+    let assessed = fetch::assess(&remote, &o, &stamps)?;
     let mut snapshots = Vec::new();
     let mut latest = None;
-    for (stamp, list) in lists {
-        let (objects, bytes, problems) = match &list {
-            None => (
-                0,
-                0,
-                vec![format!("{} is missing or damaged", repo::list_path(&stamp))],
+    for stamp in &stamps {
+        let checked = o
+            .listing
+            .texts
+            .get(&format::check_path(stamp))
+            .and_then(|t| format::Check::open(t, &o.key).ok())
+            .filter(|c| c.stamp == *stamp);
+        let (authenticated, complete, objects, bytes, problems) = match &assessed[stamp] {
+            Ok(a) => (
+                true,
+                a.complete(),
+                a.snapshot.objects,
+                a.snapshot.bytes,
+                a.missing.clone(),
             ),
-            Some(l) => {
-                let mut problems = check_snapshot(l, &stamp, &digests);
-                match inv.marker(&stamp) {
-                    None => problems.push("no verified marker: the push did not finish".into()),
-                    Some(m)
-                        if m.objects_sha256
-                            != crypto::sha256_hex(
-                                inv.texts[&repo::list_path(&stamp)].as_bytes(),
-                            ) =>
-                    {
-                        problems.push("its object list changed after it was verified".into())
-                    }
-                    Some(_) => {}
-                }
-                let bytes = l.paths(&stamp).iter().map(|(_, x)| x.bytes).sum::<u64>();
-                (l.objects.len(), bytes, problems)
-            }
+            Err(e) => (false, false, 0, 0, vec![e.clone()]),
         };
-        let verified = problems.is_empty();
+        let verified = authenticated && complete;
         if verified && latest.is_none() {
             latest = Some(stamp.clone());
         }
         snapshots.push(json!({
             "stamp": stamp,
+            "authenticated": authenticated,
+            "complete": complete,
+            "verified": verified,
             "objects": objects,
             "bytes": bytes,
-            "verified": verified,
+            "last_checked": checked.as_ref().map(|c| c.checked_at.clone()),
+            "last_check_problems": checked.as_ref().map(|c| c.problems.clone()),
             "problems": problems,
         }));
     }
@@ -223,17 +249,22 @@ pub fn listing(repo_args: &RepoArgs) -> Result<Outputs, String> {
     out.insert("count".into(), json!(snapshots.len()));
     out.insert("latest".into(), json!(latest));
     out.insert("snapshots".into(), json!(snapshots));
+    out.insert("key".into(), json!(o.key.fingerprint()));
     Ok(out)
 }
 
 impl Action for OffsiteList {
     type Args = ListArgs;
     const NAME: &'static str = "offsite-list";
-    const SUMMARY: &'static str = "list the off-site snapshots newest first, each re-verified by remote sha256 digests; `latest` is the newest verified one";
-    const OUTPUTS: &'static [&'static str] = &["count", "latest", "snapshots"];
+    const SUMMARY: &'static str = "list the off-site snapshots newest first: authenticated by the repository key, complete, last checked; `latest` is the newest authenticated and complete one";
+    const OUTPUTS: &'static [&'static str] = &["count", "latest", "snapshots", "key"];
 
     fn effect(&self, _: &ListArgs) -> Effect {
         Effect::ReadOnly
+    }
+
+    fn check_static(&self, args: &ListArgs) -> Result<(), (String, String)> {
+        check_pin(&args.repo)
     }
 
     fn preflight(&self, args: &ListArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
@@ -243,13 +274,13 @@ impl Action for OffsiteList {
                 Remote::new(&args.repo).target()
             ));
         }
-        match listing(&args.repo) {
+        match listing(args, ctx) {
             Ok(out) => {
                 let verified = out["snapshots"]
                     .as_array()
                     .map_or(0, |s| s.iter().filter(|x| x["verified"] == true).count());
                 Verdict::NoChange(format!(
-                    "{} snapshots on {}, {verified} verified; latest verified {}",
+                    "{} snapshots on {}, {verified} authenticated and complete; latest {}",
                     out["count"],
                     Remote::new(&args.repo).target(),
                     out["latest"].as_str().unwrap_or("none")
@@ -259,8 +290,8 @@ impl Action for OffsiteList {
         }
     }
 
-    fn execute(&self, args: &ListArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
-        listing(&args.repo).map_err(ActionError::Failed)
+    fn execute(&self, args: &ListArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        listing(args, ctx).map_err(ActionError::Failed)
     }
 }
 
@@ -272,7 +303,7 @@ impl Action for OffsiteList {
 #[serde(deny_unknown_fields)]
 pub struct FetchArgs {
     pub repo: RepoArgs,
-    /// The snapshot's stamp, or `latest` for the newest verified one.
+    /// The snapshot's stamp, or `latest` for the newest authenticated and complete one.
     #[serde(default = "latest")]
     pub stamp: String,
     /// The age identity file (as age-keygen writes it); its content is never shown.
@@ -290,11 +321,16 @@ pub struct OffsiteFetch;
 impl Action for OffsiteFetch {
     type Args = FetchArgs;
     const NAME: &'static str = "offsite-fetch";
-    const SUMMARY: &'static str = "fetch an off-site snapshot, check every ciphertext digest, decrypt and check every file's sha256, then move the tree into place";
-    const OUTPUTS: &'static [&'static str] = &["stamp", "path", "files", "bytes", "bytes_received"];
+    const SUMMARY: &'static str = "fetch an off-site snapshot authenticated by the repository key (this host's, or the pinned `repo.key`), decrypt it in one pass checking every file's keyed digest, then move the tree into place";
+    const OUTPUTS: &'static [&'static str] =
+        &["stamp", "path", "files", "bytes", "bytes_received", "key"];
 
     fn effect(&self, _: &FetchArgs) -> Effect {
         Effect::Idempotent
+    }
+
+    fn check_static(&self, args: &FetchArgs) -> Result<(), (String, String)> {
+        check_pin(&args.repo)
     }
 
     fn preflight(&self, args: &FetchArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
@@ -304,6 +340,11 @@ impl Action for OffsiteFetch {
                 .repo
                 .check()
                 .and_then(|_| crypto::load_identities(&args.identity).map_err(|e| e.to_string()))
+                .and_then(|_| match (args.repo.pinned(), ctx.state_dir.as_path()) {
+                    (Some(_), _) => Ok(()),
+                    (None, dir) if key::RepoKey::load(&key::local_key_path(&args.repo.local_dir(dir))).ok().flatten().is_some() => Ok(()),
+                    _ => Err("give the repository key's fingerprint as `repo.key` (the push before this step prints it as `key`): without it, a repository someone replaced using only the age public key could not be told from yours".to_string()),
+                })
             {
                 return Verdict::WouldFail(e);
             }
@@ -334,7 +375,7 @@ impl Action for OffsiteFetch {
 fn next_step(error: String) -> String {
     if error.starts_with("refusing snapshot ") {
         format!(
-            "{error}. An older snapshot may be whole: `offsite-list` (atocore/offsite-list) shows which are still verified; fetch one of those by its stamp"
+            "{error}. An older snapshot may be whole: `offsite-list` (atocore/offsite-list) shows which are still authenticated and complete; fetch one of those by its stamp"
         )
     } else {
         error
@@ -369,72 +410,167 @@ fn six() -> usize {
 
 pub struct OffsiteRetention;
 
-/// What retention removes: decided over the verified stamped snapshots (an unverified
-/// one may be a push still to be resumed: it is left alone, and so are its objects).
+/// What retention removes: decided over the authenticated snapshots (a snapshot file
+/// that does not authenticate is no snapshot of ours: it is left alone and named),
+/// then every object no kept snapshot needs.
 struct Pruning {
     decision: snapshots::Decision,
-    unverified: Vec<String>,
-    objects: Vec<String>,
+    unauthenticated: Vec<String>,
+    /// Objects no kept snapshot references, or None when a kept snapshot's manifest
+    /// could not be read (then nothing is collected: what it needs is unknown).
+    objects: Option<Vec<String>>,
+    unreadable: Vec<String>,
     bytes: u64,
-    tombstones: Vec<String>,
+    /// Index files, and the merged one that replaces them.
+    index_files: Vec<String>,
+    merged: BTreeMap<String, Cipher>,
 }
 
-fn pruning(args: &RetentionArgs, remote: &Remote) -> Result<Pruning, String> {
-    args.repo.check()?;
-    let inv = Inventory::read(remote, repo::Texts::Lists).map_err(|e: RepoError| e.to_string())?;
-    let stamps = inv.stamps();
-    let (verified, unverified): (Vec<String>, Vec<String>) = stamps
-        .into_iter()
-        .partition(|s| inv.marker(s).is_some() && inv.list(s).is_some());
+fn pruning(remote: &Remote, args: &RetentionArgs, o: &fetch::Opened) -> Result<Pruning, String> {
+    let stamps = o.listing.stamps();
+    let assessed = fetch::assess(remote, o, &stamps)?;
+    let mut authentic = Vec::new();
+    let mut unauthenticated = Vec::new();
+    for stamp in &stamps {
+        let text = &o.listing.texts[&format::snapshot_path(stamp)];
+        match format::Snapshot::open(text, &o.key) {
+            Ok(s) if s.stamp == *stamp => authentic.push(stamp.clone()),
+            _ => unauthenticated.push(stamp.clone()),
+        }
+    }
     let decision = snapshots::decide(
-        &verified,
+        &authentic,
         args.keep_daily,
         args.keep_weekly,
         args.keep_monthly,
     );
-    let mut referenced = std::collections::BTreeSet::new();
-    let staying = decision
+    let mut reachable: BTreeSet<String> = BTreeSet::new();
+    let mut unreadable = Vec::new();
+    for s in decision
         .keep
         .iter()
         .map(|k| &k.stamp)
         .chain(&decision.ignored)
-        .chain(&unverified);
-    for s in staying {
-        if let Some(l) = inv.list(s) {
-            referenced.extend(l.objects.keys().map(|id| repo::object_path(id)));
-        }
-    }
-    // Objects only the pruned snapshots list. An object no list names is an
-    // interrupted push's upload: it stays, as its resume will list it.
-    let mut objects = std::collections::BTreeSet::new();
-    for s in &decision.delete {
-        if let Some(l) = inv.list(s) {
-            for id in l.objects.keys() {
-                let p = repo::object_path(id);
-                if !referenced.contains(&p) && inv.files.contains_key(&p) {
-                    objects.insert(p);
-                }
+    {
+        match &assessed[s] {
+            Ok(a) => {
+                reachable.insert(a.snapshot.manifest.clone());
+                reachable.extend(a.manifest.objects().into_iter().map(str::to_string));
             }
+            Err(e) => unreadable.push(format!("{s}: {e}")),
         }
     }
-    let bytes = objects.iter().map(|p| inv.files[p]).sum();
+    let (objects, bytes) = if unreadable.is_empty() {
+        let garbage: Vec<String> = o
+            .listing
+            .objects
+            .keys()
+            .filter(|p| {
+                p.rsplit('/')
+                    .next()
+                    .is_some_and(|id| !reachable.contains(id))
+            })
+            .cloned()
+            .collect();
+        let bytes = garbage.iter().map(|p| o.listing.objects[p]).sum();
+        (Some(garbage), bytes)
+    } else {
+        (None, 0)
+    };
+    let merged: BTreeMap<String, Cipher> = o
+        .ciphers
+        .iter()
+        .filter(|(id, _)| reachable.contains(*id))
+        .filter_map(|(id, v)| {
+            let size = o.listing.objects.get(&object_path(id))?;
+            let c = v.iter().find(|c| c.bytes == *size)?;
+            Some((id.clone(), c.clone()))
+        })
+        .collect();
     Ok(Pruning {
         decision,
-        unverified,
-        objects: objects.into_iter().collect(),
+        unauthenticated,
+        objects,
+        unreadable,
         bytes,
-        tombstones: inv.tombstones(),
+        index_files: o
+            .listing
+            .index_files()
+            .iter()
+            .map(|(n, _)| n.to_string())
+            .collect(),
+        merged,
     })
+}
+
+fn retention_text(p: &Pruning, target: &str) -> (bool, String) {
+    let kept: Vec<String> = p
+        .decision
+        .keep
+        .iter()
+        .map(|k| format!("{} [{}]", k.stamp, k.why.join(", ")))
+        .collect();
+    let mut notes = String::new();
+    if !p.unauthenticated.is_empty() {
+        notes.push_str(&format!(
+            "; left alone (they do not authenticate with the repository key): {}",
+            p.unauthenticated.join(" ")
+        ));
+    }
+    if !p.unreadable.is_empty() {
+        notes.push_str(&format!(
+            "; no object is collected, as what these kept snapshots need cannot be read: {}",
+            p.unreadable.join("; ")
+        ));
+    }
+    let garbage = p.objects.as_ref().map_or(0, Vec::len);
+    if p.decision.delete.is_empty() && garbage == 0 {
+        return (
+            false,
+            format!(
+                "keeps all {} off-site snapshots on {target}: {}{notes}",
+                p.decision.keep.len(),
+                kept.join("; ")
+            ),
+        );
+    }
+    (
+        true,
+        format!(
+            "delete {} of {} off-site snapshots on {target}{}{} and {garbage} objects ({}) no kept snapshot needs; keep {}: {}{notes}",
+            p.decision.delete.len(),
+            p.decision.delete.len() + p.decision.keep.len(),
+            if p.decision.delete.is_empty() {
+                ""
+            } else {
+                ": "
+            },
+            p.decision.delete.join(" "),
+            human(p.bytes),
+            p.decision.keep.len(),
+            kept.join("; ")
+        ),
+    )
 }
 
 impl Action for OffsiteRetention {
     type Args = RetentionArgs;
     const NAME: &'static str = "offsite-retention";
-    const SUMMARY: &'static str = "delete off-site snapshots outside the daily/weekly/monthly policy, then the objects no kept snapshot lists";
-    const OUTPUTS: &'static [&'static str] = &["kept", "deleted", "objects_deleted", "bytes_freed"];
+    const SUMMARY: &'static str = "with the repository locked exclusively, delete off-site snapshots outside the daily/weekly/monthly policy, then every object no kept snapshot needs";
+    const OUTPUTS: &'static [&'static str] = &[
+        "kept",
+        "deleted",
+        "objects_deleted",
+        "bytes_freed",
+        "left_alone",
+    ];
 
     fn effect(&self, _: &RetentionArgs) -> Effect {
         Effect::Idempotent
+    }
+
+    fn check_static(&self, args: &RetentionArgs) -> Result<(), (String, String)> {
+        check_pin(&args.repo)
     }
 
     fn preflight(&self, args: &RetentionArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
@@ -445,54 +581,58 @@ impl Action for OffsiteRetention {
                 remote.target()
             ));
         }
-        let p = match pruning(args, &remote) {
-            Ok(p) => p,
-            Err(e) => return Verdict::WouldFail(e),
-        };
-        let kept: Vec<String> = p
-            .decision
-            .keep
-            .iter()
-            .map(|k| format!("{} [{}]", k.stamp, k.why.join(", ")))
-            .collect();
-        let unverified = if p.unverified.is_empty() {
-            String::new()
-        } else {
-            format!("; left alone (not verified): {}", p.unverified.join(" "))
-        };
-        if p.decision.delete.is_empty() {
-            Verdict::NoChange(format!(
-                "keeps all {} off-site snapshots: {}{unverified}",
-                p.decision.keep.len(),
-                kept.join("; ")
-            ))
-        } else {
-            Verdict::WillChange(format!(
-                "delete {} of {} off-site snapshots: {} and {} objects ({}) no kept snapshot lists; keep {}: {}{unverified}",
-                p.decision.delete.len(),
-                p.decision.delete.len() + p.decision.keep.len(),
-                p.decision.delete.join(" "),
-                p.objects.len(),
-                human(p.bytes),
-                p.decision.keep.len(),
-                kept.join("; ")
-            ))
+        let p = args
+            .repo
+            .check()
+            .and_then(|_| fetch::open(&remote, &ctx.state_dir, None))
+            .and_then(|o| pruning(&remote, args, &o));
+        match p {
+            Ok(p) => match retention_text(&p, &remote.target()) {
+                (true, text) => Verdict::WillChange(text),
+                (false, text) => Verdict::NoChange(text),
+            },
+            Err(e) => Verdict::WouldFail(e),
         }
     }
 
-    fn execute(&self, args: &RetentionArgs, _: &ActionCtx) -> Result<Outputs, ActionError> {
+    fn execute(&self, args: &RetentionArgs, ctx: &ActionCtx) -> Result<Outputs, ActionError> {
+        args.repo.check().map_err(ActionError::Failed)?;
         let remote = Remote::new(&args.repo);
-        let p = pruning(args, &remote).map_err(ActionError::Failed)?;
-        // Objects first, then the snapshots: killed between the two, the pruned
-        // snapshots are still there (their lists name what is left to remove) and a
-        // resume decides the same over the same set. The other way round, the objects
-        // would be left unlisted, indistinguishable from an interrupted push's.
-        let mut lines: Vec<String> = p.tombstones.iter().map(|t| format!("T {t}")).collect();
-        lines.extend(p.objects.iter().map(|o| format!("O {o}")));
-        lines.extend(p.decision.delete.iter().map(|s| format!("S {s}")));
-        if !lines.is_empty() {
-            repo::remove(&remote, &lines).map_err(fail)?;
-        }
+        let holder = Holder::new(LockKind::Exclusive, "offsite-retention".into()).map_err(fail)?;
+        let o = check::open_locked(&remote, &ctx.state_dir, None, &holder).map_err(fail)?;
+        let result = (|| {
+            let p = pruning(&remote, args, &o)?;
+            // Snapshot files first (a snapshot is gone or whole), then the objects only
+            // they needed; the new generation is written before anything is deleted, so
+            // that no pushing host's cache counts a deleted object as there.
+            let mut lines: Vec<String> =
+                p.decision.delete.iter().map(|s| format!("S {s}")).collect();
+            if let Some(objects) = &p.objects {
+                lines.extend(objects.iter().map(|o| format!("O {o}")));
+            }
+            if !lines.is_empty() {
+                let generation = crypto::hex(&crypto::random_key().map_err(|e| e.to_string())?)
+                    [..16]
+                    .to_string();
+                repo::remove(&remote, &lines, Some(&generation)).map_err(|e| e.to_string())?;
+                // One index for what is left, then the old ones (killed between, the
+                // old ones still say the same).
+                let name = format!("index/merged-{generation}");
+                repo::put(&remote, &name, &Index::new(p.merged.clone()).sign(&o.key))
+                    .map_err(|e| e.to_string())?;
+                let old: Vec<String> = p
+                    .index_files
+                    .iter()
+                    .filter(|n| **n != name)
+                    .filter_map(|n| n.strip_prefix("index/"))
+                    .map(|n| format!("I {n}"))
+                    .collect();
+                repo::remove(&remote, &old, None).map_err(|e| e.to_string())?;
+            }
+            Ok::<Pruning, String>(p)
+        })();
+        let _ = repo::unlock(&remote, std::slice::from_ref(&holder.name));
+        let p = result.map_err(ActionError::Failed)?;
         let mut out = Outputs::new();
         out.insert(
             "kept".into(),
@@ -505,8 +645,12 @@ impl Action for OffsiteRetention {
             ),
         );
         out.insert("deleted".into(), json!(p.decision.delete));
-        out.insert("objects_deleted".into(), json!(p.objects.len()));
+        out.insert(
+            "objects_deleted".into(),
+            json!(p.objects.as_ref().map_or(0, Vec::len)),
+        );
         out.insert("bytes_freed".into(), json!(p.bytes));
+        out.insert("left_alone".into(), json!(p.unauthenticated));
         Ok(out)
     }
 }

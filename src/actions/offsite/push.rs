@@ -1,33 +1,50 @@
-//! `offsite-push`: walk the snapshot, name each file by a keyed hash, encrypt and send
-//! what the repository lacks, then check the remote's digests before the marker.
+//! `offsite-push`: decide locally what is new, then stream it to the repository in one
+//! connection and commit it there.
 //!
-//! What is journaled is only the step's start and its outputs; the state that makes a
-//! rerun cheap lives where it is true: objects on the remote (named by content, so a
-//! repeated send is a no-op rsync skips), encrypted objects staged under the state dir
-//! (reused, so resume does not re-encrypt nor re-send what arrived), and the marker,
-//! written last. A rerun at any point therefore ends in the same state.
+//! A file is named by the HMAC of its bytes under the repository's id key. Which files
+//! need hashing, and which objects the repository holds, come from this host's cache
+//! (`STATE_DIR/offsite/<repo>/cache.json`): a file whose inode, size, mtime and ctime
+//! are unchanged keeps its name (ctime cannot be set back by anyone, so a rewrite in
+//! place is always noticed); the objects listed are trusted only while the repository's
+//! `generation` is the one the cache was made in (every deletion changes it). What the
+//! cache does not vouch for is asked of the remote in the same listing that takes the
+//! lock, so a lost or stale cache costs a question, never an overwrite (the remote
+//! never replaces an object anyway).
+//!
+//! The upload is one tar stream (objects encrypted as they are written into it, nothing
+//! staged on disk) that the remote unpacks into `tmp/`, checks against the sha256 of
+//! every file sent, links into place without replacing, and commits by linking the
+//! snapshot file last. A push killed at any point leaves no snapshot file, so a rerun
+//! (resume) does the same work again minus what arrived.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
+use serde::{Deserialize, Serialize};
 use serde_json::json;
+use sha2::{Digest, Sha256};
 
-use super::crypto::{self, FileHasher};
-use super::repo::{
-    self, Entry, Inventory, Kind, Listed, Manifest, ObjectList, RepoError, Texts, Verified,
-    check_snapshot, object_path, remote_digests,
+use super::crypto;
+use super::format::{
+    self, Cipher, Config, Entry, Index, Kind, LockKind, Manifest, Signed, Snapshot, object_path,
 };
+use super::key::{self, RepoKey};
+use super::repo::{self, Depth, Holder, Listing, RepoError, Take};
 use super::ssh::Remote;
 use super::{PushArgs, human, resume_hint};
 use crate::actions::{ActionCtx, Outputs, Verdict};
 
-/// A file of the source, with where it is on disk.
+/// A file of the source, with where it is on disk and its identity for the cache.
 struct Local {
     entry: Entry,
     abs: PathBuf,
+    /// dev, inode, size, mtime and ctime (ns): unchanged means unchanged bytes.
+    stat: String,
 }
 
 /// Walks `source`: the root first, then every entry in name order. Only files, dirs
@@ -88,6 +105,16 @@ fn walk(source: &Path) -> Result<Vec<Local>, String> {
             ));
         };
         out.push(Local {
+            stat: format!(
+                "{} {} {} {}.{} {}.{}",
+                m.dev(),
+                m.ino(),
+                m.len(),
+                m.mtime(),
+                m.mtime_nsec(),
+                m.ctime(),
+                m.ctime_nsec()
+            ),
             entry: Entry {
                 path: rel,
                 kind,
@@ -95,7 +122,6 @@ fn walk(source: &Path) -> Result<Vec<Local>, String> {
                 mtime: m.mtime(),
                 mtime_nsec: m.mtime_nsec() as u32,
                 size,
-                sha256: None,
                 object: None,
                 target,
             },
@@ -105,49 +131,99 @@ fn walk(source: &Path) -> Result<Vec<Local>, String> {
     Ok(out)
 }
 
-fn read_key(path: &Path) -> Result<Option<[u8; 32]>, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => crypto::unhex(text.trim())
-            .and_then(|b| <[u8; 32]>::try_from(b).ok())
-            .map(Some)
-            .ok_or_else(|| format!("the object-id key `{}` is damaged", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(format!("cannot read `{}`: {e}", path.display())),
+/// What this host remembers of a repository between pushes.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Cache {
+    /// The fingerprint of the key the names were computed with.
+    key: String,
+    /// The repository's generation the object list is valid for.
+    generation: String,
+    /// Objects the repository holds (name -> ciphertext bytes).
+    objects: BTreeMap<String, u64>,
+    /// File identity (see [`Local::stat`]) -> object name.
+    files: BTreeMap<String, String>,
+}
+
+impl Cache {
+    fn path(local_dir: &Path) -> PathBuf {
+        local_dir.join("cache.json")
     }
-}
 
-fn key_id(key: &[u8; 32]) -> String {
-    crypto::sha256_hex(key)[..16].to_string()
-}
-
-/// Hashes every file: its sha256 and object id under `key`.
-fn hash_all(
-    locals: &mut [Local],
-    key: &[u8; 32],
-    bar: Option<&indicatif::ProgressBar>,
-) -> Result<(), String> {
-    let mut buf = vec![0u8; 1 << 20];
-    for l in locals.iter_mut().filter(|l| l.entry.kind == Kind::File) {
-        let mut f =
-            File::open(&l.abs).map_err(|e| format!("reading `{}`: {e}", l.abs.display()))?;
-        let mut h = FileHasher::new(key);
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| format!("reading `{}`: {e}", l.abs.display()))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-            if let Some(b) = bar {
-                b.inc(n as u64);
-            }
+    /// The cache for this key; anything unreadable is an empty cache (it only saves work).
+    fn load(local_dir: &Path, key: Option<&RepoKey>) -> Cache {
+        let Some(key) = key else {
+            return Cache::default();
+        };
+        let c: Cache = std::fs::read(Cache::path(local_dir))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or_default();
+        if c.key == key.fingerprint() {
+            c
+        } else {
+            Cache::default()
         }
-        let (sha, id) = h.finish();
-        l.entry.sha256 = Some(sha);
-        l.entry.object = Some(id);
     }
-    Ok(())
+
+    fn save(&self, local_dir: &Path) -> Result<(), String> {
+        let data = serde_json::to_vec(self).map_err(|e| e.to_string())?;
+        key::write_private(&Cache::path(local_dir), &data)
+    }
+}
+
+/// Names every file the cache does not: HMAC-SHA256 of its bytes under the id key,
+/// spread over the machine's cores.
+fn hash_files(
+    locals: &mut [Local],
+    cache: &Cache,
+    key: &RepoKey,
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<u64, String> {
+    let mut todo: Vec<usize> = Vec::new();
+    for (i, l) in locals.iter_mut().enumerate() {
+        if l.entry.kind != Kind::File {
+            continue;
+        }
+        match cache.files.get(&l.stat) {
+            Some(id) => l.entry.object = Some(id.clone()),
+            None => todo.push(i),
+        }
+    }
+    let hashed_bytes: u64 = todo.iter().filter_map(|i| locals[*i].entry.size).sum();
+    let id_key = key.id_key();
+    let next = AtomicUsize::new(0);
+    let results: Mutex<Vec<(usize, Result<String, String>)>> = Mutex::new(Vec::new());
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(todo.len().max(1));
+    let paths: Vec<&Path> = todo.iter().map(|i| locals[*i].abs.as_path()).collect();
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                let mut buf = vec![0u8; 1 << 20];
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(path) = paths.get(n) else { break };
+                    let r = hmac_file(path, &id_key, &mut buf, bar);
+                    results.lock().expect("no panics").push((todo[n], r));
+                }
+            });
+        }
+    });
+    for (i, r) in results.into_inner().expect("no panics") {
+        locals[i].entry.object = Some(r?);
+    }
+    Ok(hashed_bytes)
+}
+
+fn hmac_file(
+    path: &Path,
+    id_key: &[u8; 32],
+    buf: &mut [u8],
+    bar: Option<&indicatif::ProgressBar>,
+) -> Result<String, String> {
+    key::hmac_file(path, id_key, buf, bar).map_err(|e| format!("reading `{}`: {e}", path.display()))
 }
 
 pub(super) fn bar(total: u64, msg: String, ctx: &ActionCtx) -> Option<indicatif::ProgressBar> {
@@ -167,47 +243,9 @@ pub(super) fn bar(total: u64, msg: String, ctx: &ActionCtx) -> Option<indicatif:
     Some(bar)
 }
 
-pub struct Plan {
-    target: String,
-    stamp: String,
-    files: usize,
-    objects: usize,
-    new_objects: usize,
-    new_bytes: u64,
-    already: bool,
-    new_key: bool,
-}
-
-impl Plan {
-    pub fn verdict(&self) -> Verdict {
-        if self.already {
-            return Verdict::NoChange(format!(
-                "{} is already on {} and verified",
-                self.stamp, self.target
-            ));
-        }
-        Verdict::WillChange(format!(
-            "encrypt and send {} of {} objects ({} before encryption) of {} files as {} to {}{}, then verify them there",
-            self.new_objects,
-            self.objects,
-            human(self.new_bytes),
-            self.files,
-            self.stamp,
-            self.target,
-            if self.new_key {
-                " (a new object-id key: every object is new)"
-            } else {
-                ""
-            }
-        ))
-    }
-}
-
-/// The plan: reads the source and the remote's listing; writes nothing anywhere (a
-/// missing id key is not created: then every object counts as new).
 /// A rendered stamp is a name in remote paths: checked again, not only at validate.
 fn check_stamp(stamp: &str) -> Result<(), String> {
-    if repo::valid_stamp(stamp) {
+    if format::valid_stamp(stamp) {
         Ok(())
     } else {
         Err(format!(
@@ -216,148 +254,309 @@ fn check_stamp(stamp: &str) -> Result<(), String> {
     }
 }
 
+pub struct Plan {
+    target: String,
+    stamp: String,
+    files: usize,
+    bytes: u64,
+    changed_files: usize,
+    changed_bytes: u64,
+    already: bool,
+    new_repo: bool,
+}
+
+impl Plan {
+    pub fn verdict(&self) -> Verdict {
+        if self.already {
+            return Verdict::NoChange(format!(
+                "{} is already on {}, authenticated",
+                self.stamp, self.target
+            ));
+        }
+        let what = if self.new_repo {
+            format!(
+                "create the repository (a new key) and send all {} files ({})",
+                self.files,
+                human(self.bytes)
+            )
+        } else if self.changed_files == 0 {
+            format!(
+                "send at most a new manifest: all {} files ({}) are unchanged since the last push",
+                self.files,
+                human(self.bytes)
+            )
+        } else {
+            format!(
+                "hash {} of {} files changed since the last push ({}) and send those the repository lacks",
+                self.changed_files,
+                self.files,
+                human(self.changed_bytes)
+            )
+        };
+        Verdict::WillChange(format!(
+            "{what}, encrypted, as {} to {}; verified there by digest before the snapshot is committed",
+            self.stamp, self.target
+        ))
+    }
+}
+
+/// The plan: the source's walk, this host's key and cache, and one listing; writes
+/// nothing anywhere and hashes nothing (a file the cache does not know counts as
+/// changed).
 pub fn plan(args: &PushArgs, ctx: &ActionCtx) -> Result<Plan, String> {
     args.repo.check()?;
     check_stamp(&args.stamp)?;
     crypto::parse_recipients(&args.recipients).map_err(|e| e.to_string())?;
-    let mut locals = walk(&args.source)?;
+    let locals = walk(&args.source)?;
     let remote = Remote::new(&args.repo);
-    let inv = Inventory::read(&remote, Texts::Markers).map_err(|e| e.to_string())?;
-    let key = read_key(&args.repo.local_dir(&ctx.state_dir).join("id-key"))?;
-    let files = locals.iter().filter(|l| l.entry.kind == Kind::File).count();
+    let listing = Listing::read(&remote, Depth::Asked, None, &[]).map_err(|e| e.to_string())?;
+    let local_dir = args.repo.local_dir(&ctx.state_dir);
+    let local = RepoKey::load(&key::local_key_path(&local_dir))?;
+    let new_repo = listing.config.is_none();
+    let key = if new_repo {
+        if let (Some(k), Some(p)) = (&local, args.repo.pinned())
+            && k.fingerprint() != p
+        {
+            return Err(format!(
+                "this host's key has fingerprint {}, but `repo.key` pins {p}",
+                k.fingerprint()
+            ));
+        }
+        local
+    } else {
+        Some(repo::key_for(&remote, &listing, local, None)?)
+    };
+    let files: Vec<&Local> = locals
+        .iter()
+        .filter(|l| l.entry.kind == Kind::File)
+        .collect();
     let mut plan = Plan {
         target: remote.target(),
         stamp: args.stamp.clone(),
-        files,
-        objects: files,
-        new_objects: files,
-        new_bytes: locals.iter().filter_map(|l| l.entry.size).sum(),
+        files: files.len(),
+        bytes: files.iter().filter_map(|l| l.entry.size).sum(),
+        changed_files: files.len(),
+        changed_bytes: files.iter().filter_map(|l| l.entry.size).sum(),
         already: false,
-        new_key: key.is_none(),
+        new_repo,
     };
-    if inv.marker(&args.stamp).is_some() {
-        plan.already = true;
-        return Ok(plan);
-    }
-    // Without a key yet, every object is new; hashing under a throwaway key (kept in
-    // memory only) still counts the distinct contents.
-    hash_all(&mut locals, &key.unwrap_or([0; 32]), None)?;
-    let known = if key.is_some() {
-        let record = args.repo.local_dir(&ctx.state_dir).join("shipped");
-        known_there(&remote, &inv, &record).map_err(|e| e.to_string())?
-    } else {
-        BTreeMap::new()
-    };
-    let mut unique: BTreeMap<String, u64> = BTreeMap::new();
-    for l in &locals {
-        if let (Some(id), Some(size)) = (&l.entry.object, l.entry.size) {
-            unique.insert(id.clone(), size);
+    if let Some(key) = &key {
+        if let Some(text) = listing.texts.get(&format::snapshot_path(&args.stamp)) {
+            let s = Snapshot::open(text, key).map_err(|why| {
+                format!(
+                    "{} exists on {} and does not authenticate: {why}; a push never replaces it",
+                    format::snapshot_path(&args.stamp),
+                    plan.target
+                )
+            })?;
+            if s.stamp != args.stamp {
+                return Err(format!(
+                    "{} on {} is snapshot {} copied under another name; a push never replaces it",
+                    format::snapshot_path(&args.stamp),
+                    plan.target,
+                    s.stamp
+                ));
+            }
+            plan.already = true;
+            return Ok(plan);
         }
+        let cache = Cache::load(&local_dir, Some(key));
+        let changed: Vec<&&Local> = files
+            .iter()
+            .filter(|l| !cache.files.contains_key(&l.stat))
+            .collect();
+        plan.changed_files = changed.len();
+        plan.changed_bytes = changed.iter().filter_map(|l| l.entry.size).sum();
     }
-    plan.objects = unique.len();
-    let new: Vec<u64> = unique
-        .iter()
-        .filter(|(id, _)| !known.contains_key(*id))
-        .map(|(_, s)| *s)
-        .collect();
-    plan.new_objects = new.len();
-    plan.new_bytes = new.iter().sum();
     Ok(plan)
 }
 
-/// Writes `data` to `path` through a temp file and a rename, mode 0600.
-fn write_private(path: &Path, data: &[u8]) -> Result<(), String> {
-    let parent = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(|e| format!("creating `{}`: {e}", parent.display()))?;
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| format!("writing `{}`: {e}", tmp.display()))?;
-    f.write_all(data)
-        .and_then(|_| f.sync_all())
-        .map_err(|e| format!("writing `{}`: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| format!("writing `{}`: {e}", path.display()))
+/// The size of age's ciphertext of `len` bytes after a header of `header` bytes: a
+/// 16-byte nonce, then 64 KiB chunks each with a 16-byte tag (at least one chunk).
+fn age_size(header: u64, len: u64) -> u64 {
+    let chunks = len.div_ceil(64 * 1024).max(1);
+    header + 16 + len + 16 * chunks
 }
 
-/// Encrypts one file into the staging area unless an earlier attempt did (a staged
-/// object is complete: it is renamed into place only once written).
-fn stage_object(
-    staging: &Path,
-    id: &str,
-    source: &Path,
-    recipients: &[age::x25519::Recipient],
-) -> Result<Listed, String> {
-    let path = staging.join(object_path(id));
-    if !path.is_file() {
-        let parent = path.parent().expect("objects/xx");
-        std::fs::create_dir_all(parent)
-            .map_err(|e| format!("creating `{}`: {e}", parent.display()))?;
-        let tmp = parent.join(format!(".{id}.tmp"));
-        let input =
-            File::open(source).map_err(|e| format!("reading `{}`: {e}", source.display()))?;
-        let out = File::create(&tmp).map_err(|e| format!("writing `{}`: {e}", tmp.display()))?;
-        let mut out = std::io::BufWriter::new(out);
-        crypto::encrypt(
-            recipients,
-            std::io::BufReader::new(input),
-            &mut out,
-            &format!("encrypting `{}`", source.display()),
-        )
-        .map_err(|e| e.to_string())?;
-        out.flush()
-            .map_err(|e| format!("writing `{}`: {e}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).map_err(|e| format!("writing `{}`: {e}", path.display()))?;
+/// A writer that counts and hashes what passes (the ciphertext into the tar stream).
+struct Tee<'w> {
+    inner: &'w mut dyn Write,
+    sha: Sha256,
+    bytes: u64,
+}
+
+impl Write for Tee<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sha.update(&buf[..n]);
+        self.bytes += n as u64;
+        Ok(n)
     }
-    digest_file(&path)
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
-fn digest_file(path: &Path) -> Result<Listed, String> {
-    let (sha256, bytes) =
-        crypto::sha256_file(path).map_err(|e| format!("reading `{}`: {e}", path.display()))?;
-    Ok(Listed { sha256, bytes })
+/// One file of the upload: where its plaintext comes from.
+enum Source<'a> {
+    File(&'a Path, u64),
+    Bytes(&'a [u8]),
 }
 
-/// The objects this host shipped and saw verified (`<id> <sha256> <bytes>` lines): a
-/// push knows what the remote holds without reading every snapshot's list.
-fn read_record(path: &Path) -> Option<BTreeMap<String, Listed>> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let mut map = BTreeMap::new();
-    for line in text.lines() {
-        let mut w = line.split(' ');
-        let (id, sha, bytes) = (w.next()?, w.next()?, w.next()?);
-        map.insert(
-            id.to_string(),
-            Listed {
-                sha256: sha.to_string(),
-                bytes: bytes.parse().ok()?,
+/// The tar stream of an upload, written as it is produced.
+struct Upload<'w> {
+    out: &'w mut dyn Write,
+    /// name -> sha256 of what was written, for SHA256SUMS and the index.
+    sums: BTreeMap<String, Cipher>,
+    bytes: u64,
+}
+
+impl Upload<'_> {
+    fn header(&mut self, name: &str, size: u64) -> std::io::Result<()> {
+        let mut h = tar::Header::new_gnu();
+        h.set_path(name)?;
+        h.set_size(size);
+        h.set_mode(0o600);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        self.out.write_all(h.as_bytes())?;
+        self.bytes += 512;
+        Ok(())
+    }
+
+    fn pad(&mut self, size: u64) -> std::io::Result<()> {
+        let rem = (size % 512) as usize;
+        if rem != 0 {
+            self.out.write_all(&[0u8; 512][..512 - rem])?;
+            self.bytes += (512 - rem) as u64;
+        }
+        Ok(())
+    }
+
+    /// A plain file (config, index, snapshot, sums).
+    fn plain(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
+        self.header(name, data.len() as u64)?;
+        self.out.write_all(data)?;
+        self.bytes += data.len() as u64;
+        self.pad(data.len() as u64)?;
+        self.sums.insert(
+            name.to_string(),
+            Cipher {
+                sha256: crypto::sha256_hex(data),
+                bytes: data.len() as u64,
             },
         );
+        Ok(())
     }
-    Some(map)
+
+    /// An object: encrypted into the stream as it is read. Its size is known before
+    /// (the header's size, then the chunks'), and checked after.
+    fn object(
+        &mut self,
+        name: &str,
+        src: Source,
+        recipients: &[&dyn age::Recipient],
+        bar: Option<&indicatif::ProgressBar>,
+    ) -> std::io::Result<()> {
+        let enc = age::Encryptor::with_recipients(recipients.iter().copied())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        let len = match &src {
+            Source::File(_, len) => *len,
+            Source::Bytes(b) => b.len() as u64,
+        };
+        // The encryptor writes into a buffer this drains into the stream; its header
+        // (with a random grease stanza) is written at once, which gives the size.
+        let buffer = Shared::default();
+        let mut writer = enc.wrap_output(buffer.clone())?;
+        let size = age_size(buffer.len() as u64 - 16, len);
+        self.header(name, size)?;
+        let mut tee = Tee {
+            inner: &mut *self.out,
+            sha: Sha256::new(),
+            bytes: 0,
+        };
+        match src {
+            Source::File(path, _) => {
+                let mut f = File::open(path)?;
+                let mut buf = vec![0u8; 256 * 1024];
+                let mut read = 0u64;
+                loop {
+                    let n = f.read(&mut buf)?;
+                    if n == 0 {
+                        break;
+                    }
+                    read += n as u64;
+                    writer.write_all(&buf[..n])?;
+                    tee.write_all(&buffer.take())?;
+                    if let Some(b) = bar {
+                        b.inc(n as u64);
+                    }
+                }
+                if read != len {
+                    return Err(std::io::Error::other(format!(
+                        "`{}` changed while it was sent ({len} bytes, then {read}): a snapshot must not change",
+                        path.display()
+                    )));
+                }
+            }
+            Source::Bytes(b) => writer.write_all(b)?,
+        }
+        writer.finish()?;
+        tee.write_all(&buffer.take())?;
+        let (sha, written) = (tee.sha.finalize(), tee.bytes);
+        if written != size {
+            return Err(std::io::Error::other(format!(
+                "age wrote {written} bytes for {name}, {size} were announced"
+            )));
+        }
+        self.bytes += written;
+        self.pad(size)?;
+        self.sums.insert(
+            name.to_string(),
+            Cipher {
+                sha256: crypto::hex(&sha),
+                bytes: size,
+            },
+        );
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<(BTreeMap<String, Cipher>, u64)> {
+        let mut sums = String::new();
+        for (name, c) in &self.sums {
+            sums.push_str(&format!("{}  {name}\n", c.sha256));
+        }
+        self.header("SHA256SUMS", sums.len() as u64)?;
+        self.out.write_all(sums.as_bytes())?;
+        self.bytes += sums.len() as u64;
+        self.pad(sums.len() as u64)?;
+        self.out.write_all(&[0u8; 1024])?;
+        self.bytes += 1024;
+        Ok((self.sums, self.bytes))
+    }
 }
 
-fn write_record(path: &Path, known: &BTreeMap<String, Listed>) -> Result<(), String> {
-    let list = ObjectList {
-        objects: known.clone(),
-        manifest: None,
-    };
-    write_private(path, list.render().as_bytes())
+/// A buffer the encryptor writes into and the stream drains.
+#[derive(Clone, Default)]
+struct Shared(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl Shared {
+    fn len(&self) -> usize {
+        self.0.borrow().len()
+    }
+    fn take(&self) -> Vec<u8> {
+        std::mem::take(&mut *self.0.borrow_mut())
+    }
 }
 
-/// What the remote holds that need not be sent: from this host's record when it has
-/// one, else from the snapshots' lists there (one more listing).
-fn known_there(
-    remote: &Remote,
-    inv: &Inventory,
-    record: &Path,
-) -> Result<BTreeMap<String, Listed>, RepoError> {
-    match read_record(record) {
-        Some(known) => Ok(inv.present(known)),
-        None => Ok(Inventory::read(remote, Texts::Lists)?.known_objects()),
+impl Write for Shared {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -378,213 +577,393 @@ pub fn run(args: &PushArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
         other => other.to_string(),
     };
     let mut locals = walk(&args.source)?;
-    let inv = Inventory::read(&remote, Texts::Markers).map_err(repo_err)?;
-
-    // Already shipped: check it is still whole, and say so.
-    if inv.marker(&args.stamp).is_some() {
-        let with_lists = Inventory::read(&remote, Texts::Lists).map_err(repo_err)?;
-        if let Some(list) = with_lists.list(&args.stamp) {
-            let names: Vec<String> = list
-                .paths(&args.stamp)
-                .into_iter()
-                .map(|(p, _)| p)
-                .collect();
-            let digests = remote_digests(&remote, &names).map_err(link)?;
-            if check_snapshot(&list, &args.stamp, &digests).is_empty() {
-                return Ok(outputs(
-                    args,
-                    list.objects.len(),
-                    0,
-                    0,
-                    total(&list, &args.stamp),
-                ));
-            }
-        }
-    }
-
     let local_dir = args.repo.local_dir(&ctx.state_dir);
-    let key_path = local_dir.join("id-key");
-    let record_path = local_dir.join("shipped");
-    let key = match read_key(&key_path)? {
-        Some(k) => k,
-        None => {
-            let k = crypto::random_key().map_err(|e| e.to_string())?;
-            write_private(&key_path, crypto::hex(&k).as_bytes())?;
-            k
-        }
+    let key_path = key::local_key_path(&local_dir);
+    let local = RepoKey::load(&key_path)?;
+
+    // Names first (the cache knows most), so the listing can ask about the rest.
+    let mut cache = Cache::load(&local_dir, local.as_ref());
+    let key = match &local {
+        Some(k) => k.clone(),
+        None => RepoKey::generate()?,
     };
-    let kid = key_id(&key);
     let total_plain: u64 = locals.iter().filter_map(|l| l.entry.size).sum();
     let hashing = bar(total_plain, format!("hash {}", args.source.display()), ctx);
-    hash_all(&mut locals, &key, hashing.as_ref())?;
+    hash_files(&mut locals, &cache, &key, hashing.as_ref())?;
     if let Some(b) = hashing {
         b.finish_and_clear();
     }
-
-    let staging = local_dir.join("staging").join(&args.stamp);
-    let key_name = format!("keys/{kid}.age");
-    let mut to_send: Vec<String> = Vec::new();
-    if !inv.files.contains_key(&key_name) {
-        let sealed = crypto::encrypt_bytes(
-            &recipients,
-            crypto::hex(&key).as_bytes(),
-            "encrypting the id key",
-        )
-        .map_err(|e| e.to_string())?;
-        write_private(&staging.join(&key_name), &sealed)?;
-        to_send.push(key_name);
-    }
-
-    // The manifest first (its put makes the repository when there is none); without
-    // a marker it is no shipped snapshot.
     let mut entries: Vec<Entry> = locals.iter().map(|l| l.entry.clone()).collect();
     entries.sort_by(|a, b| a.path.cmp(&b.path));
     let manifest = Manifest {
-        version: repo::VERSION,
-        stamp: args.stamp.clone(),
-        key_id: kid.clone(),
-        created_at: chrono::Utc::now().to_rfc3339(),
+        format: "runbook-offsite-manifest".into(),
+        version: format::VERSION,
         entries,
     };
-    let plain = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
-    let sealed = crypto::encrypt_bytes(&recipients, &plain, "encrypting the manifest")
-        .map_err(|e| e.to_string())?;
-    repo::put(&remote, &repo::manifest_path(&args.stamp), &sealed).map_err(link)?;
-    let mut bytes_sent = sealed.len() as u64;
-    let mut list = ObjectList {
-        objects: BTreeMap::new(),
-        manifest: Some(Listed {
-            sha256: crypto::sha256_hex(&sealed),
-            bytes: sealed.len() as u64,
-        }),
-    };
-
-    // One object per distinct content.
-    let mut sources: BTreeMap<String, PathBuf> = BTreeMap::new();
+    manifest.check()?;
+    let manifest_plain = serde_json::to_vec(&manifest).map_err(|e| e.to_string())?;
+    let manifest_id = crypto::hex(&key::hmac(&key.id_key(), &manifest_plain));
+    let mut sources: BTreeMap<String, Source> = BTreeMap::new();
     for l in &locals {
-        if let Some(id) = &l.entry.object {
-            sources.entry(id.clone()).or_insert_with(|| l.abs.clone());
+        if let (Some(id), Some(size)) = (&l.entry.object, l.entry.size) {
+            sources
+                .entry(id.clone())
+                .or_insert(Source::File(&l.abs, size));
         }
     }
-    let mut known = known_there(&remote, &inv, &record_path).map_err(repo_err)?;
-    let mut sent_files = 0u64;
-    let mut rounds = 0;
-    loop {
-        rounds += 1;
-        let needed: Vec<&String> = sources
-            .keys()
-            .filter(|id| !known.contains_key(*id))
-            .collect();
-        let size_of = |id: &str| std::fs::metadata(&sources[id]).map_or(0, |m| m.len());
-        let plain_needed: u64 = needed.iter().map(|id| size_of(id)).sum();
-        let encrypting = bar(
-            plain_needed,
-            format!("encrypt {} objects", needed.len()),
-            ctx,
-        );
-        for id in &needed {
-            let listed = stage_object(&staging, id, &sources[*id], &recipients)?;
-            if let Some(b) = &encrypting {
-                b.inc(size_of(id));
-            }
-            list.objects.insert((*id).clone(), listed);
-            to_send.push(object_path(id));
-        }
-        if let Some(b) = encrypting {
-            b.finish_and_clear();
-        }
-        for id in sources.keys() {
-            if let Some(l) = known.get(id) {
-                list.objects.insert(id.clone(), l.clone());
-            }
-        }
-        if !to_send.is_empty() {
-            let upload: u64 = to_send
-                .iter()
-                .map(|n| std::fs::metadata(staging.join(n)).map_or(0, |m| m.len()))
-                .sum();
-            let sending = bar(upload, format!("send to {}", remote.target()), ctx);
-            let t = remote
-                .upload(&staging, &to_send, sending.as_ref())
-                .map_err(link)?;
-            if let Some(b) = sending {
-                b.finish_and_clear();
-            }
-            // rsync names the directories it makes too: only objects count.
-            sent_files += t
-                .names
-                .iter()
-                .filter(|n| {
-                    n.starts_with("objects/") && n.rsplit('/').next().is_some_and(repo::valid_id)
-                })
-                .count() as u64;
-            bytes_sent += t.bytes_sent;
-            to_send.clear();
-        }
-        let rendered = list.render();
-        repo::put(&remote, &repo::list_path(&args.stamp), rendered.as_bytes()).map_err(link)?;
-        bytes_sent += rendered.len() as u64;
+    let file_objects = sources.len() as u64;
+    sources.insert(manifest_id.clone(), Source::Bytes(&manifest_plain));
 
-        // Verify: the remote's digest of every listed file, against the list.
-        let names: Vec<String> = list
-            .paths(&args.stamp)
-            .into_iter()
-            .map(|(p, _)| p)
-            .collect();
-        let digests = remote_digests(&remote, &names).map_err(link)?;
-        let problems = check_snapshot(&list, &args.stamp, &digests);
-        if problems.is_empty() {
-            break;
-        }
-        // Objects an earlier push left that are damaged there now: sent again, once.
-        let damaged: BTreeSet<String> = known
+    let holder = Holder::new(LockKind::Shared, format!("offsite-push {}", args.stamp))?;
+    // One listing takes the lock and asks about every object the cache does not vouch
+    // for; only when the cache turns out stale (another generation) is the rest asked.
+    let asked: Vec<String> = sources
+        .keys()
+        .filter(|id| !cache.objects.contains_key(*id))
+        .map(|id| object_path(id))
+        .collect();
+    let mut listing = Listing::read(
+        &remote,
+        Depth::Asked,
+        Some(Take {
+            name: &holder.name,
+            lock: &holder.lock,
+        }),
+        &asked,
+    )
+    .map_err(repo_err)?;
+    let cache_valid = local.is_some()
+        && listing.config.is_some()
+        && listing.generation.as_deref() == Some(cache.generation.as_str());
+    if !cache_valid && !cache.objects.is_empty() {
+        let rest: Vec<String> = sources
             .keys()
-            .filter(|id| {
-                let p = object_path(id);
-                problems.iter().any(|x| x.starts_with(&format!("{p} ")))
-            })
-            .cloned()
+            .filter(|id| cache.objects.contains_key(*id))
+            .map(|id| object_path(id))
             .collect();
-        if rounds > 1 || damaged.is_empty() || damaged.len() < problems.len() {
-            return Err(format!(
-                "the copy on {} does not match what was sent: {}; nothing was marked verified",
-                remote.target(),
-                problems.join("; ")
-            ));
-        }
-        for id in &damaged {
-            known.remove(id);
+        cache.objects.clear();
+        match Listing::read(&remote, Depth::Asked, None, &rest) {
+            Ok(more) => listing.objects.extend(more.objects),
+            Err(e) => {
+                let _ = repo::unlock(&remote, std::slice::from_ref(&holder.name));
+                return Err(repo_err(e));
+            }
         }
     }
-    let listed = list.render();
-    let marker = Verified {
-        verified_at: chrono::Utc::now().to_rfc3339(),
-        objects: list.objects.len(),
-        bytes: total(&list, &args.stamp),
-        objects_sha256: crypto::sha256_hex(listed.as_bytes()),
-    };
-    let marker_json = serde_json::to_vec_pretty(&marker).map_err(|e| e.to_string())?;
-    repo::put(&remote, &repo::marker_path(&args.stamp), &marker_json).map_err(link)?;
-    let mut record = read_record(&record_path).unwrap_or_default();
-    record.extend(list.objects.clone());
-    write_record(&record_path, &record)?;
-    let _ = std::fs::remove_dir_all(&staging);
-    Ok(outputs(
+    let result = push_locked(
         args,
-        list.objects.len(),
-        sent_files,
-        bytes_sent,
-        marker.bytes,
-    ))
+        ctx,
+        &remote,
+        &holder,
+        &listing,
+        PushState {
+            key,
+            local,
+            cache,
+            locals: &locals,
+            sources,
+            manifest_id,
+            file_objects,
+            recipients: &recipients,
+            local_dir: &local_dir,
+        },
+    );
+    if result.is_err() {
+        // The lock is ours to give back; a push killed here leaves it to be judged
+        // dead by the next command on this host.
+        let _ = repo::unlock(&remote, std::slice::from_ref(&holder.name));
+    }
+    result.map_err(|e| match e {
+        Failure::Link(e) => link(e),
+        Failure::Other(s) => s,
+    })
 }
 
-fn total(list: &ObjectList, stamp: &str) -> u64 {
-    list.paths(stamp).iter().map(|(_, l)| l.bytes).sum()
+enum Failure {
+    Link(super::ssh::SshError),
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(s: String) -> Self {
+        Failure::Other(s)
+    }
+}
+
+struct PushState<'a> {
+    key: RepoKey,
+    local: Option<RepoKey>,
+    cache: Cache,
+    locals: &'a [Local],
+    sources: BTreeMap<String, Source<'a>>,
+    manifest_id: String,
+    file_objects: u64,
+    recipients: &'a [age::x25519::Recipient],
+    local_dir: &'a Path,
+}
+
+fn push_locked(
+    args: &PushArgs,
+    ctx: &ActionCtx,
+    remote: &Remote,
+    holder: &Holder,
+    listing: &Listing,
+    st: PushState,
+) -> Result<Outputs, Failure> {
+    let PushState {
+        key,
+        local,
+        mut cache,
+        locals,
+        sources,
+        manifest_id,
+        file_objects,
+        recipients,
+        local_dir,
+    } = st;
+    let (dead, conflict) = holder.judge(listing);
+    if let Some((name, lock)) = conflict {
+        return Err(Failure::Other(repo::locked_message(remote, &name, &lock)));
+    }
+    if !dead.is_empty() {
+        repo::unlock(remote, &dead).map_err(Failure::Link)?;
+    }
+    let creating = listing.config.is_none();
+    let key = if creating {
+        if let Some(p) = args.repo.pinned()
+            && p != key.fingerprint()
+        {
+            return Err(Failure::Other(format!(
+                "the repository {}/{} does not exist yet and this host's key would be {}, but `repo.key` pins {p}: refusing to make a repository the pinned key cannot read",
+                remote.target(),
+                args.repo.dir.display(),
+                key.fingerprint()
+            )));
+        }
+        if local.is_none() {
+            // Kept before anything of it reaches the remote: a repository is never
+            // made with a key this host lost.
+            key.save(&key::local_key_path(local_dir))?;
+        }
+        key
+    } else {
+        repo::key_for(remote, listing, local, None)?
+    };
+    let target = remote.target();
+
+    // Already committed (a rerun, or a resume after the commit): it must be ours.
+    if let Some(text) = listing.texts.get(&format::snapshot_path(&args.stamp)) {
+        let s = Snapshot::open(text, &key).map_err(|why| {
+            format!(
+                "{} exists on {target} and does not authenticate: {why}; a push never replaces it",
+                format::snapshot_path(&args.stamp)
+            )
+        })?;
+        if s.stamp != args.stamp {
+            return Err(Failure::Other(format!(
+                "{} on {target} is snapshot {} copied under another name; a push never replaces it",
+                format::snapshot_path(&args.stamp),
+                s.stamp
+            )));
+        }
+        repo::unlock(remote, std::slice::from_ref(&holder.name)).map_err(Failure::Link)?;
+        return Ok(outputs(args, &key, s.objects, 0, 0, s.bytes));
+    }
+
+    let there: BTreeSet<&str> = sources
+        .keys()
+        .filter(|id| {
+            cache.objects.contains_key(*id) || listing.objects.contains_key(&object_path(id))
+        })
+        .map(String::as_str)
+        .collect();
+    let needed: Vec<&String> = sources
+        .keys()
+        .filter(|id| !there.contains(id.as_str()))
+        .collect();
+    let needed_plain: u64 = needed
+        .iter()
+        .map(|id| match &sources[*id] {
+            Source::File(_, n) => *n,
+            Source::Bytes(b) => b.len() as u64,
+        })
+        .sum();
+
+    let repo_recipient = key.recipient();
+    let mut all: Vec<&dyn age::Recipient> = recipients
+        .iter()
+        .map(|r| r as &dyn age::Recipient)
+        .collect();
+    all.push(&repo_recipient);
+    let generation = match (&listing.generation, creating) {
+        (Some(g), false) => g.clone(),
+        _ => crypto::hex(&crypto::random_key().map_err(|e| e.to_string())?)[..16].to_string(),
+    };
+    let files = locals.iter().filter(|l| l.entry.kind == Kind::File).count() as u64;
+    let plain_bytes: u64 = locals.iter().filter_map(|l| l.entry.size).sum();
+
+    let sending = bar(needed_plain, format!("send to {target}"), ctx);
+    let mut sent: BTreeMap<String, Cipher> = BTreeMap::new();
+    let mut stream_bytes = 0u64;
+    let mut snapshot_file: Vec<u8> = Vec::new();
+    let committed = repo::commit(remote, &holder.name, &args.stamp, &mut |out| {
+        let mut up = Upload {
+            out,
+            sums: BTreeMap::new(),
+            bytes: 0,
+        };
+        if creating || !listing.keys.contains(&format::key_path(&key.fingerprint())) {
+            let wrapped = key.wrap(recipients).map_err(std::io::Error::other)?;
+            up.plain(&format::key_path(&key.fingerprint()), &wrapped)?;
+        }
+        let mut new_objects = BTreeMap::new();
+        for id in &needed {
+            let name = object_path(id);
+            let src = match &sources[*id] {
+                Source::File(p, n) => Source::File(p, *n),
+                Source::Bytes(b) => Source::Bytes(b),
+            };
+            up.object(&name, src, &all, sending.as_ref())?;
+            new_objects.insert((*id).clone(), up.sums[&name].clone());
+        }
+        if !new_objects.is_empty() {
+            let index = Index::new(new_objects).sign(&key);
+            up.plain(&format!("index/{}", holder.name), &index)?;
+        }
+        let manifest_cipher = up
+            .sums
+            .get(&object_path(&manifest_id))
+            .cloned()
+            .or_else(|| {
+                cache.objects.get(&manifest_id).map(|b| Cipher {
+                    sha256: String::new(),
+                    bytes: *b,
+                })
+            })
+            .or_else(|| {
+                listing
+                    .objects
+                    .get(&object_path(&manifest_id))
+                    .map(|b| Cipher {
+                        sha256: String::new(),
+                        bytes: *b,
+                    })
+            })
+            .unwrap_or(Cipher {
+                sha256: String::new(),
+                bytes: 0,
+            });
+        let snapshot = Snapshot {
+            format: format::FORMAT.into(),
+            version: format::VERSION,
+            stamp: args.stamp.clone(),
+            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            manifest: manifest_id.clone(),
+            manifest_bytes: manifest_cipher.bytes,
+            manifest_sha256: manifest_cipher.sha256,
+            files,
+            bytes: plain_bytes,
+            objects: file_objects,
+            mac: String::new(),
+        };
+        // Every object the snapshot needs, checked there before the commit: a cache
+        // or a listing can be out of date, the remote's directory cannot.
+        let refs: String = sources.keys().map(|id| object_path(id) + "\n").collect();
+        up.plain("REFS", refs.as_bytes())?;
+        snapshot_file = snapshot.sign(&key);
+        up.plain(&format::snapshot_path(&args.stamp), &snapshot_file)?;
+        if creating {
+            up.plain("generation", format!("{generation}\n").as_bytes())?;
+            let config = serde_json::to_vec(&Config::new(&key)).map_err(std::io::Error::other)?;
+            up.plain("config", &config)?;
+        }
+        let (sums, bytes) = up.finish()?;
+        sent = sums;
+        stream_bytes = bytes;
+        Ok(())
+    })
+    .map_err(Failure::Link)?;
+    if let Some(b) = sending {
+        b.finish_and_clear();
+    }
+    if committed.snapshot_existed {
+        // Another push of the same stamp committed first: it must be ours too.
+        let again = Listing::read(remote, Depth::Asked, None, &[]).map_err(|e| e.to_string())?;
+        let ok = again
+            .texts
+            .get(&format::snapshot_path(&args.stamp))
+            .and_then(|t| Snapshot::open(t, &key).ok())
+            .is_some_and(|s| s.stamp == args.stamp);
+        if !ok {
+            return Err(Failure::Other(format!(
+                "{} appeared on {target} during this push and does not authenticate; nothing was replaced",
+                format::snapshot_path(&args.stamp)
+            )));
+        }
+    }
+    // Objects that were there already under a name this push sent keep their own
+    // ciphertext: record its digest, so that checks compare the right one.
+    let existing: BTreeMap<String, Cipher> = committed
+        .existing
+        .iter()
+        .filter_map(|(path, sha)| {
+            let id = path.rsplit('/').next()?.to_string();
+            let bytes = sent.get(path).map(|c| c.bytes)?;
+            Some((
+                id,
+                Cipher {
+                    sha256: sha.clone(),
+                    bytes,
+                },
+            ))
+        })
+        .collect();
+    if !existing.is_empty() {
+        let index = Index::new(existing).sign(&key);
+        repo::put(remote, &format!("index/{}-existing", holder.name), &index)
+            .map_err(Failure::Link)?;
+    }
+
+    // What this host now knows: the names of its files and what the repository holds.
+    cache.key = key.fingerprint();
+    cache.generation = generation;
+    for id in sources.keys() {
+        let bytes = sent
+            .get(&object_path(id))
+            .map(|c| c.bytes)
+            .or_else(|| cache.objects.get(id).copied())
+            .or_else(|| listing.objects.get(&object_path(id)).copied());
+        if let Some(b) = bytes {
+            cache.objects.insert(id.clone(), b);
+        }
+    }
+    let live: BTreeSet<&str> = locals.iter().map(|l| l.stat.as_str()).collect();
+    cache.files.retain(|k, _| live.contains(k.as_str()));
+    for l in locals {
+        if let Some(id) = &l.entry.object {
+            cache.files.insert(l.stat.clone(), id.clone());
+        }
+    }
+    cache.save(local_dir)?;
+    // Counted like `objects`: the snapshot's contents, not its manifest.
+    let objects_sent = needed
+        .iter()
+        .filter(|id| matches!(sources[**id], Source::File(..)))
+        .count() as u64;
+    Ok(outputs(
+        args,
+        &key,
+        file_objects,
+        objects_sent,
+        stream_bytes,
+        plain_bytes,
+    ))
 }
 
 fn outputs(
     args: &PushArgs,
-    objects: usize,
+    key: &RepoKey,
+    objects: u64,
     sent: u64,
     bytes_sent: u64,
     bytes_total: u64,
@@ -596,5 +975,28 @@ fn outputs(
     out.insert("bytes_sent".into(), json!(bytes_sent));
     out.insert("bytes_total".into(), json!(bytes_total));
     out.insert("verified".into(), json!(true));
+    out.insert("key".into(), json!(key.fingerprint()));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn age_sizes_are_known_before_encrypting() {
+        let id = age::x25519::Identity::generate();
+        let r = id.to_public();
+        for len in [0usize, 1, 65535, 65536, 65537, 3 * 65536, 200_000] {
+            let plain = vec![7u8; len];
+            let buf = Shared::default();
+            let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
+                .unwrap();
+            let mut w = enc.wrap_output(buf.clone()).unwrap();
+            let header = buf.len() as u64 - 16;
+            w.write_all(&plain).unwrap();
+            w.finish().unwrap();
+            assert_eq!(age_size(header, len as u64), buf.len() as u64, "{len}");
+        }
+    }
 }

@@ -131,26 +131,9 @@ impl<'a> Remote<'a> {
         stdin: &[u8],
         compress: bool,
     ) -> Result<Spawned, SshError> {
-        let mut remote = vec!["sh", "-c", script, "sh"];
-        remote.extend_from_slice(args);
-        let mut argv = self.ssh_options();
-        if compress {
-            argv.extend(["-o".to_string(), "Compression=yes".to_string()]);
-        }
-        argv.push(self.destination());
-        argv.push("--".into());
-        argv.push(quote_argv(&remote));
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|source| SshError::Spawn {
-                program: "ssh".into(),
-                source,
-            })?;
-        let mut input = child.stdin.take().expect("piped stdin");
+        let (child, mut input) = self.spawn_piped(script, args, compress)?;
+        let mut child = child;
+
         let data = stdin.to_vec();
         let writer = std::thread::spawn(move || {
             let _ = input.write_all(&data);
@@ -203,6 +186,134 @@ impl<'a> Remote<'a> {
             code,
             detail,
         })
+    }
+
+    /// Runs `sh -c SCRIPT sh ARGS...` on the remote with its stdin written by `feed`
+    /// (a stream as large as a snapshot, never held whole); returns stdout. A feed
+    /// that fails because the remote stopped reading reports the remote's error.
+    pub fn run_feeding(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+        feed: &mut dyn FnMut(&mut dyn Write) -> std::io::Result<()>,
+    ) -> Result<Vec<u8>, SshError> {
+        let (mut child, mut input) = self.spawn_piped(script, args, false)?;
+        let mut stdout = child.stdout.take().expect("piped stdout");
+        let out_reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stdout.read_to_end(&mut s);
+            s
+        });
+        let mut stderr = child.stderr.take().expect("piped stderr");
+        let err_reader = std::thread::spawn(move || {
+            let mut s = Vec::new();
+            let _ = stderr.read_to_end(&mut s);
+            s
+        });
+        let fed = {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, &mut input);
+            feed(&mut w).and_then(|_| w.flush())
+        };
+        drop(input);
+        let status = child.wait().map_err(|source| SshError::Spawn {
+            program: "ssh".into(),
+            source,
+        })?;
+        let out = out_reader.join().unwrap_or_default();
+        let err = err_reader.join().unwrap_or_default();
+        self.judge(what, status.code().unwrap_or(-1), &err, fed.err())?;
+        Ok(out)
+    }
+
+    /// Runs `sh -c SCRIPT sh ARGS...` on the remote, feeding `stdin`, and hands its
+    /// stdout as a stream to `consume` (a snapshot's objects, never held whole).
+    pub fn run_reading<T>(
+        &self,
+        what: &str,
+        script: &str,
+        args: &[&str],
+        stdin: &[u8],
+        consume: &mut dyn FnMut(&mut dyn Read) -> Result<T, String>,
+    ) -> Result<T, String> {
+        let mut spawned = self
+            .spawn(script, args, stdin, false)
+            .map_err(|e| e.to_string())?;
+        let result = {
+            let mut r = std::io::BufReader::with_capacity(1 << 20, &mut spawned.stdout);
+            let result = consume(&mut r);
+            // Whatever is left is drained, so the remote is not killed by SIGPIPE
+            // when the consumer stopped at the end of the archive.
+            let _ = std::io::copy(&mut r, &mut std::io::sink());
+            result
+        };
+        let (code, err) = spawned.wait().map_err(|e| e.to_string())?;
+        // The link's or the remote's failure explains a broken stream best.
+        self.judge(what, code, &err, None)
+            .map_err(|e| e.to_string())?;
+        result
+    }
+
+    fn judge(
+        &self,
+        what: &str,
+        code: i32,
+        err: &[u8],
+        io: Option<std::io::Error>,
+    ) -> Result<(), SshError> {
+        if code == 0 {
+            if let Some(e) = io {
+                return Err(SshError::Remote {
+                    target: self.target(),
+                    what: what.to_string(),
+                    code,
+                    detail: e.to_string(),
+                });
+            }
+            return Ok(());
+        }
+        let detail = last_lines(err);
+        if code == 255 || code == -1 {
+            return Err(SshError::Unreachable {
+                target: self.target(),
+                detail,
+            });
+        }
+        Err(SshError::Remote {
+            target: self.target(),
+            what: what.to_string(),
+            code,
+            detail,
+        })
+    }
+
+    fn spawn_piped(
+        &self,
+        script: &str,
+        args: &[&str],
+        compress: bool,
+    ) -> Result<(std::process::Child, std::process::ChildStdin), SshError> {
+        let mut remote = vec!["sh", "-c", script, "sh"];
+        remote.extend_from_slice(args);
+        let mut argv = self.ssh_options();
+        if compress {
+            argv.extend(["-o".to_string(), "Compression=yes".to_string()]);
+        }
+        argv.push(self.destination());
+        argv.push("--".into());
+        argv.push(quote_argv(&remote));
+        let mut child = Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| SshError::Spawn {
+                program: "ssh".into(),
+                source,
+            })?;
+        let input = child.stdin.take().expect("piped stdin");
+        Ok((child, input))
     }
 
     /// Runs `sh -c SCRIPT sh ARGS...` on the remote like [`Remote::run`], but hands
