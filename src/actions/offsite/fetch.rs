@@ -200,16 +200,26 @@ pub fn assess(
             manifest
                 .check()
                 .map_err(|why| format!("its manifest {mpath} is refused: {why}"))?;
+            // Each object named with the file it holds, which is what an operator
+            // knows the snapshot by.
+            let mut holds: BTreeMap<&str, &str> = BTreeMap::new();
+            for e in &manifest.entries {
+                if let Some(id) = &e.object {
+                    holds.entry(id.as_str()).or_insert(e.path.as_str());
+                }
+            }
             let mut missing = Vec::new();
-            for id in manifest.objects() {
+            for (id, path) in &holds {
                 let p = object_path(id);
                 match o.listing.objects.get(&p) {
-                    None => missing.push(format!("{p} is missing")),
+                    None => missing.push(format!("{p} (`{path}`) is missing")),
                     Some(n) => {
-                        if let Some(known) = o.ciphers.get(id)
+                        if let Some(known) = o.ciphers.get(*id)
                             && !known.iter().any(|c| c.bytes == *n)
                         {
-                            missing.push(format!("{p} has {n} bytes, other than were sent"));
+                            missing.push(format!(
+                                "{p} (`{path}`) has {n} bytes, other than were sent"
+                            ));
                         }
                     }
                 }
