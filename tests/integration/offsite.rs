@@ -700,6 +700,38 @@ fn the_fetch_plan_names_the_identity_when_it_is_missing_or_cannot_decrypt() {
         .unwrap();
     assert!(!r.stdout.contains(secret) && !r.stderr.contains(secret));
     assert!(!dest.exists());
+
+    // A new host: the wrong identity cannot open the repository key; the right one
+    // without the pinned fingerprint is told to give `repo.key`.
+    // Pushed again under the same stamp, the push changes nothing and says the key.
+    let r = run_json(&sb, "push");
+    assert_eq!(r.code, 0, "{r:?}");
+    let key = outputs(&r, "push")["key"].as_str().unwrap().to_string();
+    let fresh = Sandbox::new();
+    let other2 = fresh.p("other.txt");
+    std::fs::copy(&other, &other2).unwrap();
+    let dest = fresh.p("dest");
+    fetch_runbook(&fresh, &host, "wrong", "latest", &other2, &dest, Some(&key));
+    let r = fresh.run(&["plan", "wrong"]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("the identity cannot decrypt the repository key")
+            && r.stdout.contains("(argument `identity`)"),
+        "{r:?}"
+    );
+    let right = fresh.p("identity.txt");
+    std::fs::copy(sb.path().join("identity.txt"), &right).unwrap();
+    fetch_runbook(&fresh, &host, "unpinned", "latest", &right, &dest, None);
+    let r = fresh.run(&["plan", "unpinned"]);
+    assert_ne!(r.code, 0, "{r:?}");
+    assert!(
+        r.stdout
+            .contains("give the repository key's fingerprint as `repo.key`")
+            && r.stdout.contains(&key),
+        "{r:?}"
+    );
+    assert!(!dest.exists());
 }
 
 fn count_objects_below(dir: &Path) -> usize {

@@ -102,7 +102,8 @@ fn check(args: &CheckArgs, ctx: &ActionCtx, write: bool) -> Result<Outputs, Stri
     } else {
         fetch::open(&remote, &ctx.state_dir, ids.as_ref())?
     };
-    let result = check_opened(&remote, &o, &subset, write);
+    let own = o.key.identities();
+    let result = check_opened(&remote, &o, &subset, write, ids.as_ref().unwrap_or(&own));
     if write {
         let _ = repo::unlock(&remote, std::slice::from_ref(&holder.name));
     }
@@ -114,9 +115,10 @@ fn check_opened(
     o: &Opened,
     subset: &Subset,
     write: bool,
+    readers: &crypto::Identities,
 ) -> Result<Outputs, String> {
     let stamps = o.listing.stamps();
-    let assessed = fetch::assess(remote, o, &stamps)?;
+    let assessed = fetch::assess(remote, o, &stamps, readers)?;
     let mut problems: Vec<String> = o
         .bad_index
         .iter()

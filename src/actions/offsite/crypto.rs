@@ -23,6 +23,11 @@ pub enum CryptoError {
     IdentityUnreadable { path: String },
     #[error("{what}: {why}")]
     Age { what: String, why: String },
+    /// The ciphertext is whole, but for none of the identities given.
+    #[error(
+        "{what}: the identity is none of the recipients it was encrypted to (argument `identity`)"
+    )]
+    NotARecipient { what: String },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -110,9 +115,14 @@ pub fn decrypt<'r, R: Read + 'r>(
     input: R,
     what: &str,
 ) -> Result<Box<dyn Read + 'r>, CryptoError> {
-    let age_err = |e: age::DecryptError| CryptoError::Age {
-        what: what.to_string(),
-        why: e.to_string(),
+    let age_err = |e: age::DecryptError| match e {
+        age::DecryptError::NoMatchingKeys => CryptoError::NotARecipient {
+            what: what.to_string(),
+        },
+        e => CryptoError::Age {
+            what: what.to_string(),
+            why: e.to_string(),
+        },
     };
     let decryptor = age::Decryptor::new(input).map_err(age_err)?;
     let reader = decryptor

@@ -139,11 +139,13 @@ impl Assessed {
 }
 
 /// Authenticates the snapshots `stamps` and reads their manifests (one transfer for
-/// all of them); a snapshot that fails says why.
+/// all of them) with `readers` (the operator's identity when one was given, so that
+/// what is tested is what a new host would have); a snapshot that fails says why.
 pub fn assess(
     remote: &Remote,
     o: &Opened,
     stamps: &[String],
+    readers: &Identities,
 ) -> Result<BTreeMap<String, Result<Assessed, String>>, String> {
     let mut out: BTreeMap<String, Result<Assessed, String>> = BTreeMap::new();
     let mut snaps: BTreeMap<String, Snapshot> = BTreeMap::new();
@@ -181,15 +183,18 @@ pub fn assess(
     wanted.dedup();
     let files = repo::get_files(remote, &wanted)
         .map_err(|e| format!("reading manifests from {}: {e}", remote.target()))?;
-    let ids = o.key.identities();
     for (stamp, s) in snaps {
         let mpath = object_path(&s.manifest);
         let r = (|| {
             let sealed = files
                 .get(&mpath)
                 .ok_or_else(|| format!("its manifest {mpath} is missing"))?;
-            let plain = crypto::decrypt_bytes(&ids, sealed, "")
-                .map_err(|_| format!("its manifest {mpath} does not decrypt (damaged)"))?;
+            let plain = crypto::decrypt_bytes(readers, sealed, "").map_err(|e| match e {
+                CryptoError::NotARecipient { .. } => format!(
+                    "cannot decrypt the manifest of snapshot {stamp} (argument `identity`): the identity is none of the recipients of {mpath}"
+                ),
+                _ => format!("its manifest {mpath} does not decrypt (damaged)"),
+            })?;
             if crypto::hex(&key::hmac(&o.key.id_key(), &plain)) != s.manifest {
                 return Err(format!(
                     "its manifest {mpath} holds other bytes than its name says (swapped or forged)"
@@ -237,13 +242,18 @@ pub fn assess(
 
 /// The snapshot to fetch: the stamp asked for, or `latest`, the newest that is
 /// authenticated and complete.
-fn choose(args: &FetchArgs, remote: &Remote, o: &Opened) -> Result<(String, Assessed), String> {
+fn choose(
+    args: &FetchArgs,
+    remote: &Remote,
+    o: &Opened,
+    ids: &Identities,
+) -> Result<(String, Assessed), String> {
     let stamps = o.listing.stamps();
     let refuse = |stamp: &str, why: &str| format!("refusing snapshot {stamp}: {why}");
     if args.stamp == "latest" {
         let mut newest_first = stamps.clone();
         newest_first.reverse();
-        let mut assessed = assess(remote, o, &newest_first)?;
+        let mut assessed = assess(remote, o, &newest_first, ids)?;
         let mut skipped = Vec::new();
         for stamp in &newest_first {
             match assessed.remove(stamp) {
@@ -282,7 +292,7 @@ fn choose(args: &FetchArgs, remote: &Remote, o: &Opened) -> Result<(String, Asse
             }
         ));
     }
-    match assess(remote, o, std::slice::from_ref(&args.stamp))?.remove(&args.stamp) {
+    match assess(remote, o, std::slice::from_ref(&args.stamp), ids)?.remove(&args.stamp) {
         Some(Ok(a)) if a.complete() => Ok((args.stamp.clone(), a)),
         Some(Ok(a)) => Err(refuse(
             &args.stamp,
@@ -426,7 +436,7 @@ pub fn plan(args: &FetchArgs, ctx: &ActionCtx) -> Result<String, Planned> {
     let ids = load(args).map_err(Planned::Fails)?;
     let remote = Remote::new(&args.repo);
     let o = open(&remote, &ctx.state_dir, Some(&ids)).map_err(Planned::Fails)?;
-    let (stamp, a) = choose(args, &remote, &o).map_err(Planned::Fails)?;
+    let (stamp, a) = choose(args, &remote, &o, &ids).map_err(Planned::Fails)?;
     let files = a
         .manifest
         .entries
@@ -468,7 +478,7 @@ pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     let ids = load(args)?;
     let remote = Remote::new(&args.repo);
     let o = open(&remote, &ctx.state_dir, Some(&ids))?;
-    let (stamp, a) = choose(args, &remote, &o)?;
+    let (stamp, a) = choose(args, &remote, &o, &ids)?;
     let files = a
         .manifest
         .entries
@@ -506,7 +516,7 @@ pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     }
     let total: u64 = a.manifest.entries.iter().filter_map(|e| e.size).sum();
     let bar = super::push::bar(total, format!("fetch from {}", remote.target()), ctx);
-    let built = build(&remote, &staging, &a.manifest, &o.key, bar.as_ref());
+    let built = build(&remote, &staging, &a.manifest, &o.key, &ids, bar.as_ref());
     if let Some(b) = bar {
         b.finish_and_clear();
     }
@@ -595,6 +605,7 @@ fn build(
     root: &Path,
     manifest: &Manifest,
     key: &RepoKey,
+    ids: &Identities,
     bar: Option<&indicatif::ProgressBar>,
 ) -> Result<u64, Built> {
     std::fs::create_dir(root).map_err(|e| {
@@ -658,7 +669,6 @@ fn build(
         v.push(e);
     }
     let names: Vec<String> = order.iter().map(|id| object_path(id)).collect();
-    let ids = key.identities();
     let id_key = key.id_key();
     let mut received = 0u64;
     let mut next = 0usize;

@@ -209,7 +209,8 @@ pub fn listing(args: &ListArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     let o = fetch::open(&remote, &ctx.state_dir, ids.as_ref())?;
     let mut stamps = o.listing.stamps();
     stamps.reverse();
-    let assessed = fetch::assess(&remote, &o, &stamps)?;
+    let own = o.key.identities();
+    let assessed = fetch::assess(&remote, &o, &stamps, ids.as_ref().unwrap_or(&own))?;
     let mut snapshots = Vec::new();
     let mut latest = None;
     for stamp in &stamps {
@@ -428,7 +429,7 @@ struct Pruning {
 
 fn pruning(remote: &Remote, args: &RetentionArgs, o: &fetch::Opened) -> Result<Pruning, String> {
     let stamps = o.listing.stamps();
-    let assessed = fetch::assess(remote, o, &stamps)?;
+    let assessed = fetch::assess(remote, o, &stamps, &o.key.identities())?;
     let mut authentic = Vec::new();
     let mut unauthenticated = Vec::new();
     for stamp in &stamps {
