@@ -18,6 +18,7 @@ pub mod key;
 pub mod push;
 pub mod repo;
 pub mod ssh;
+pub mod upload;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

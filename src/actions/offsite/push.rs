@@ -18,8 +18,7 @@
 //! (resume) does the same work again minus what arrived.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::File;
-use std::io::{Read, Write};
+
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -27,7 +26,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 
 use super::crypto;
 use super::format::{
@@ -36,6 +34,7 @@ use super::format::{
 use super::key::{self, RepoKey};
 use super::repo::{self, Depth, Holder, Listing, RepoError, Take};
 use super::ssh::Remote;
+use super::upload::{self, Sender, Sent, Source};
 use super::{PushArgs, human, resume_hint};
 use crate::actions::{ActionCtx, Outputs, Verdict};
 
@@ -371,195 +370,6 @@ pub fn plan(args: &PushArgs, ctx: &ActionCtx) -> Result<Plan, String> {
     Ok(plan)
 }
 
-/// The size of age's ciphertext of `len` bytes after a header of `header` bytes: a
-/// 16-byte nonce, then 64 KiB chunks each with a 16-byte tag (at least one chunk).
-fn age_size(header: u64, len: u64) -> u64 {
-    let chunks = len.div_ceil(64 * 1024).max(1);
-    header + 16 + len + 16 * chunks
-}
-
-/// A writer that counts and hashes what passes (the ciphertext into the tar stream).
-struct Tee<'w> {
-    inner: &'w mut dyn Write,
-    sha: Sha256,
-    bytes: u64,
-}
-
-impl Write for Tee<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sha.update(&buf[..n]);
-        self.bytes += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// One file of the upload: where its plaintext comes from.
-enum Source<'a> {
-    File(&'a Path, u64),
-    Bytes(&'a [u8]),
-}
-
-/// The tar stream of an upload, written as it is produced.
-struct Upload<'w> {
-    out: &'w mut dyn Write,
-    /// name -> sha256 of what was written, for SHA256SUMS and the index.
-    sums: BTreeMap<String, Cipher>,
-    bytes: u64,
-}
-
-impl Upload<'_> {
-    fn header(&mut self, name: &str, size: u64) -> std::io::Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_path(name)?;
-        h.set_size(size);
-        h.set_mode(0o600);
-        h.set_mtime(0);
-        h.set_entry_type(tar::EntryType::Regular);
-        h.set_cksum();
-        self.out.write_all(h.as_bytes())?;
-        self.bytes += 512;
-        Ok(())
-    }
-
-    fn pad(&mut self, size: u64) -> std::io::Result<()> {
-        let rem = (size % 512) as usize;
-        if rem != 0 {
-            self.out.write_all(&[0u8; 512][..512 - rem])?;
-            self.bytes += (512 - rem) as u64;
-        }
-        Ok(())
-    }
-
-    /// A plain file (config, index, snapshot, sums).
-    fn plain(&mut self, name: &str, data: &[u8]) -> std::io::Result<()> {
-        self.header(name, data.len() as u64)?;
-        self.out.write_all(data)?;
-        self.bytes += data.len() as u64;
-        self.pad(data.len() as u64)?;
-        self.sums.insert(
-            name.to_string(),
-            Cipher {
-                sha256: crypto::sha256_hex(data),
-                bytes: data.len() as u64,
-            },
-        );
-        Ok(())
-    }
-
-    /// An object: encrypted into the stream as it is read. Its size is known before
-    /// (the header's size, then the chunks'), and checked after.
-    fn object(
-        &mut self,
-        name: &str,
-        src: Source,
-        recipients: &[&dyn age::Recipient],
-        bar: Option<&indicatif::ProgressBar>,
-    ) -> std::io::Result<()> {
-        let enc = age::Encryptor::with_recipients(recipients.iter().copied())
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        let len = match &src {
-            Source::File(_, len) => *len,
-            Source::Bytes(b) => b.len() as u64,
-        };
-        // The encryptor writes into a buffer this drains into the stream; its header
-        // (with a random grease stanza) is written at once, which gives the size.
-        let buffer = Shared::default();
-        let mut writer = enc.wrap_output(buffer.clone())?;
-        let size = age_size(buffer.len() as u64 - 16, len);
-        self.header(name, size)?;
-        let mut tee = Tee {
-            inner: &mut *self.out,
-            sha: Sha256::new(),
-            bytes: 0,
-        };
-        match src {
-            Source::File(path, _) => {
-                let mut f = File::open(path)?;
-                let mut buf = vec![0u8; 256 * 1024];
-                let mut read = 0u64;
-                loop {
-                    let n = f.read(&mut buf)?;
-                    if n == 0 {
-                        break;
-                    }
-                    read += n as u64;
-                    writer.write_all(&buf[..n])?;
-                    tee.write_all(&buffer.take())?;
-                    if let Some(b) = bar {
-                        b.inc(n as u64);
-                    }
-                }
-                if read != len {
-                    return Err(std::io::Error::other(format!(
-                        "`{}` changed while it was sent ({len} bytes, then {read}): a snapshot must not change",
-                        path.display()
-                    )));
-                }
-            }
-            Source::Bytes(b) => writer.write_all(b)?,
-        }
-        writer.finish()?;
-        tee.write_all(&buffer.take())?;
-        let (sha, written) = (tee.sha.finalize(), tee.bytes);
-        if written != size {
-            return Err(std::io::Error::other(format!(
-                "age wrote {written} bytes for {name}, {size} were announced"
-            )));
-        }
-        self.bytes += written;
-        self.pad(size)?;
-        self.sums.insert(
-            name.to_string(),
-            Cipher {
-                sha256: crypto::hex(&sha),
-                bytes: size,
-            },
-        );
-        Ok(())
-    }
-
-    fn finish(mut self) -> std::io::Result<(BTreeMap<String, Cipher>, u64)> {
-        let mut sums = String::new();
-        for (name, c) in &self.sums {
-            sums.push_str(&format!("{}  {name}\n", c.sha256));
-        }
-        self.header("SHA256SUMS", sums.len() as u64)?;
-        self.out.write_all(sums.as_bytes())?;
-        self.bytes += sums.len() as u64;
-        self.pad(sums.len() as u64)?;
-        self.out.write_all(&[0u8; 1024])?;
-        self.bytes += 1024;
-        Ok((self.sums, self.bytes))
-    }
-}
-
-/// A buffer the encryptor writes into and the stream drains.
-#[derive(Clone, Default)]
-struct Shared(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
-
-impl Shared {
-    fn len(&self) -> usize {
-        self.0.borrow().len()
-    }
-    fn take(&self) -> Vec<u8> {
-        std::mem::take(&mut *self.0.borrow_mut())
-    }
-}
-
-impl Write for Shared {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.borrow_mut().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 pub fn run(args: &PushArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     args.repo.check()?;
     check_stamp(&args.stamp)?;
@@ -790,9 +600,9 @@ fn push_locked(
         .sum();
 
     let repo_recipient = key.recipient();
-    let mut all: Vec<&dyn age::Recipient> = recipients
+    let mut all: Vec<&(dyn age::Recipient + Sync)> = recipients
         .iter()
-        .map(|r| r as &dyn age::Recipient)
+        .map(|r| r as &(dyn age::Recipient + Sync))
         .collect();
     all.push(&repo_recipient);
     let generation = match (&listing.generation, creating) {
@@ -803,86 +613,119 @@ fn push_locked(
     let plain_bytes: u64 = locals.iter().filter_map(|l| l.entry.size).sum();
 
     let sending = bar(needed_plain, format!("send to {target}"), ctx);
-    let mut sent: BTreeMap<String, Cipher> = BTreeMap::new();
-    let mut stream_bytes = 0u64;
-    let mut snapshot_file: Vec<u8> = Vec::new();
-    let committed = repo::commit(remote, &holder.name, &args.stamp, &mut |out| {
-        let mut up = Upload {
-            out,
-            sums: BTreeMap::new(),
-            bytes: 0,
-        };
-        if creating || !listing.keys.contains(&format::key_path(&key.fingerprint())) {
-            let wrapped = key.wrap(recipients).map_err(std::io::Error::other)?;
-            up.plain(&format::key_path(&key.fingerprint()), &wrapped)?;
-        }
-        let mut new_objects = BTreeMap::new();
-        for id in &needed {
-            let name = object_path(id);
-            let src = match &sources[*id] {
-                Source::File(p, n) => Source::File(p, *n),
-                Source::Bytes(b) => Source::Bytes(b),
-            };
-            up.object(&name, src, &all, sending.as_ref())?;
-            new_objects.insert((*id).clone(), up.sums[&name].clone());
-        }
-        if !new_objects.is_empty() {
-            let index = Index::new(new_objects).sign(&key);
-            up.plain(&format!("index/{}", holder.name), &index)?;
-        }
-        let manifest_cipher = up
-            .sums
-            .get(&object_path(&manifest_id))
-            .cloned()
-            .or_else(|| {
-                cache.objects.get(&manifest_id).map(|b| Cipher {
-                    sha256: String::new(),
-                    bytes: *b,
+    let sender = Sender {
+        remote,
+        key: &key,
+        recipients: &all,
+        bar: sending.as_ref(),
+    };
+    let key_file = (format::key_path(&key.fingerprint()), key.wrap(recipients)?);
+    let mut sent = Sent::default();
+    // A new repository is made first, on its own and atomically (its config linked
+    // last): a push that fails later leaves a valid, empty repository.
+    if creating {
+        let config = serde_json::to_vec(&Config::new(&key)).map_err(|e| e.to_string())?;
+        let head = [
+            key_file.clone(),
+            (
+                "generation".to_string(),
+                format!("{generation}\n").into_bytes(),
+            ),
+            ("config".to_string(), config),
+        ];
+        sent.add(
+            sender
+                .send(&format!("{}.new", holder.name), "", &head, &[], &mut |_| {
+                    Ok(Vec::new())
                 })
-            })
-            .or_else(|| {
-                listing
-                    .objects
-                    .get(&object_path(&manifest_id))
-                    .map(|b| Cipher {
-                        sha256: String::new(),
-                        bytes: *b,
-                    })
-            })
-            .unwrap_or(Cipher {
-                sha256: String::new(),
-                bytes: 0,
-            });
-        let snapshot = Snapshot {
-            format: format::FORMAT.into(),
-            version: format::VERSION,
-            stamp: args.stamp.clone(),
-            created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            manifest: manifest_id.clone(),
-            manifest_bytes: manifest_cipher.bytes,
-            manifest_sha256: manifest_cipher.sha256,
-            files,
-            bytes: plain_bytes,
-            objects: file_objects,
-            mac: String::new(),
+                .map_err(Failure::Link)?,
+        );
+    }
+    // The files' objects in batches that each commit there on their own.
+    let objects: Vec<(String, &Source)> = needed
+        .iter()
+        .filter(|id| **id != &manifest_id)
+        .map(|id| (object_path(id), &sources[*id]))
+        .collect();
+    let limit = upload::batch_bytes(needed_plain);
+    sent.add(
+        sender
+            .send_batches(&holder.name, upload::batches(objects, limit))
+            .map_err(Failure::Link)?,
+    );
+    // Last, the commit: the manifest (when new), the list of every object the
+    // snapshot needs (checked there), and the snapshot file, linked last.
+    let head: Vec<(String, Vec<u8>)> =
+        if !creating && !listing.keys.contains(&format::key_path(&key.fingerprint())) {
+            vec![key_file]
+        } else {
+            Vec::new()
         };
-        // Every object the snapshot needs, checked there before the commit: a cache
-        // or a listing can be out of date, the remote's directory cannot.
-        let refs: String = sources.keys().map(|id| object_path(id) + "\n").collect();
-        up.plain("REFS", refs.as_bytes())?;
-        snapshot_file = snapshot.sign(&key);
-        up.plain(&format::snapshot_path(&args.stamp), &snapshot_file)?;
-        if creating {
-            up.plain("generation", format!("{generation}\n").as_bytes())?;
-            let config = serde_json::to_vec(&Config::new(&key)).map_err(std::io::Error::other)?;
-            up.plain("config", &config)?;
-        }
-        let (sums, bytes) = up.finish()?;
-        sent = sums;
-        stream_bytes = bytes;
-        Ok(())
-    })
-    .map_err(Failure::Link)?;
+    let manifest_object: Vec<(String, &Source)> = if there.contains(manifest_id.as_str()) {
+        Vec::new()
+    } else {
+        vec![(object_path(&manifest_id), &sources[&manifest_id])]
+    };
+    let mut snapshot_file: Vec<u8> = Vec::new();
+    let last = sender
+        .send(
+            &holder.name,
+            &args.stamp,
+            &head,
+            &manifest_object,
+            &mut |sums| {
+                let manifest_cipher = sums
+                    .get(&object_path(&manifest_id))
+                    .cloned()
+                    .or_else(|| {
+                        cache.objects.get(&manifest_id).map(|b| Cipher {
+                            sha256: String::new(),
+                            bytes: *b,
+                        })
+                    })
+                    .or_else(|| {
+                        listing
+                            .objects
+                            .get(&object_path(&manifest_id))
+                            .map(|b| Cipher {
+                                sha256: String::new(),
+                                bytes: *b,
+                            })
+                    })
+                    .unwrap_or(Cipher {
+                        sha256: String::new(),
+                        bytes: 0,
+                    });
+                let snapshot = Snapshot {
+                    format: format::FORMAT.into(),
+                    version: format::VERSION,
+                    stamp: args.stamp.clone(),
+                    created_at: chrono::Utc::now()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                    manifest: manifest_id.clone(),
+                    manifest_bytes: manifest_cipher.bytes,
+                    manifest_sha256: manifest_cipher.sha256,
+                    files,
+                    bytes: plain_bytes,
+                    objects: file_objects,
+                    mac: String::new(),
+                };
+                snapshot_file = snapshot.sign(&key);
+                // Every object the snapshot needs, checked there before the commit:
+                // a cache or a listing can be out of date, the remote's directory
+                // cannot.
+                let refs: String = sources.keys().map(|id| object_path(id) + "\n").collect();
+                Ok(vec![
+                    ("REFS".to_string(), refs.into_bytes()),
+                    (format::snapshot_path(&args.stamp), snapshot_file.clone()),
+                ])
+            },
+        )
+        .map_err(Failure::Link)?;
+    sent.add(last);
+    let committed = &sent;
+    let stream_bytes = sent.bytes;
+    let sent = &sent.sums;
     if let Some(b) = sending {
         b.finish_and_clear();
     }
@@ -977,26 +820,4 @@ fn outputs(
     out.insert("verified".into(), json!(true));
     out.insert("key".into(), json!(key.fingerprint()));
     out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn age_sizes_are_known_before_encrypting() {
-        let id = age::x25519::Identity::generate();
-        let r = id.to_public();
-        for len in [0usize, 1, 65535, 65536, 65537, 3 * 65536, 200_000] {
-            let plain = vec![7u8; len];
-            let buf = Shared::default();
-            let enc = age::Encryptor::with_recipients(std::iter::once(&r as &dyn age::Recipient))
-                .unwrap();
-            let mut w = enc.wrap_output(buf.clone()).unwrap();
-            let header = buf.len() as u64 - 16;
-            w.write_all(&plain).unwrap();
-            w.finish().unwrap();
-            assert_eq!(age_size(header, len as u64), buf.len() as u64, "{len}");
-        }
-    }
 }

@@ -131,7 +131,7 @@ pub enum Depth {
 
 /// Takes the lock (when `$2` names one: written first, then every lock is read back,
 /// so of two racing holders at least one sees the other), removes uploads whose lock is
-/// gone, then prints the small files as `C <bytes> <name>` + bytes, the objects as
+/// gone (`tmp/<lock>` and its batches `tmp/<lock>.<n>`), then prints the small files as `C <bytes> <name>` + bytes, the objects as
 /// `F <bytes> <path>` (all, or those named on stdin).
 const OPEN: &str = r#"LC_ALL=C; export LC_ALL
 cd -- "$1" 2>/dev/null || { echo ABSENT; exit 0; }
@@ -140,7 +140,8 @@ if [ -n "$2" ]; then
   mkdir -p locks && printf '%s\n' "$3" > "locks/.$2.tmp" && mv -f -- "locks/.$2.tmp" "locks/$2" || exit 3
 fi
 for d in tmp/*; do
-  [ -d "$d" ] && [ ! -e "locks/${d#tmp/}" ] && rm -rf -- "$d"
+  l=${d#tmp/}; l=${l%%.*}
+  [ -d "$d" ] && [ ! -e "locks/$l" ] && rm -rf -- "$d"
 done
 more=
 [ "$4" = full ] && more='index/* checks/*'

@@ -24,6 +24,10 @@ pub enum SshError {
         code: i32,
         detail: String,
     },
+    /// What was being sent could not be produced here (a file changed or vanished):
+    /// the remote only saw the stream end.
+    #[error("{what}: {detail}")]
+    Feed { what: String, detail: String },
     #[error("cannot run `{program}`: {source} (is it installed?)")]
     Spawn {
         program: String,
@@ -222,6 +226,16 @@ impl<'a> Remote<'a> {
         })?;
         let out = out_reader.join().unwrap_or_default();
         let err = err_reader.join().unwrap_or_default();
+        // This side's own failure explains the broken stream better than the remote's
+        // complaint about it; a broken pipe is the remote's (or the link's) doing.
+        if let Err(e) = &fed
+            && e.kind() != std::io::ErrorKind::BrokenPipe
+        {
+            return Err(SshError::Feed {
+                what: what.to_string(),
+                detail: e.to_string(),
+            });
+        }
         self.judge(what, status.code().unwrap_or(-1), &err, fed.err())?;
         Ok(out)
     }
