@@ -705,7 +705,7 @@ fn build(
                         remote.target()
                     )));
                 }
-                fill(&mut entry, id, &holders[id], &dirs, &ids, &id_key, bar)?;
+                fill(&mut entry, id, &holders[id], &dirs, ids, &id_key, bar)?;
                 next += 1;
             }
             Ok(())

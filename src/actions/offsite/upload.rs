@@ -49,7 +49,7 @@ pub fn batches<'s, 'a>(
             out.push(Vec::new());
             size = 0;
         }
-        size += src.len();
+        size += src.plain_bytes();
         out.last_mut().expect("pushed").push((name, src));
     }
     out
@@ -194,7 +194,7 @@ impl Sender<'_> {
 }
 
 impl Source<'_> {
-    pub fn len(&self) -> u64 {
+    pub fn plain_bytes(&self) -> u64 {
         match self {
             Source::File(_, n) => *n,
             Source::Bytes(b) => b.len() as u64,
