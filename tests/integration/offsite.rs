@@ -817,16 +817,21 @@ fn the_engine_killed_during_a_push_or_a_fetch_resumes_to_the_same_end_state() {
             .env("RUNBOOK_FAILPOINT", point)
             .output()
             .unwrap();
-        assert_eq!(killed.status.code(), None, "{point} was not killed");
+        assert_eq!(
+            killed.status.code(),
+            None,
+            "{point} was not killed: {}",
+            String::from_utf8_lossy(&killed.stderr)
+        );
         let stdout = String::from_utf8_lossy(&killed.stdout);
         let id = stdout.split_whitespace().nth(1).unwrap().to_string();
         let r = sb.run(&["resume", &id]);
         assert_eq!(r.code, 0, "{point}: {r:?}");
         assert_eq!(tree(&dest), tree(&snap), "{point}");
+        let listed = list(&sb, &host);
         assert_eq!(
-            list(&sb, &host)["20261201T020000Z"]["verified"],
-            true,
-            "{point}"
+            listed["20261201T020000Z"]["complete"], true,
+            "{point}: {listed:?}"
         );
         // The remote ends as an uninterrupted run leaves it: the same objects, one
         // snapshot, and no temp files.
@@ -849,7 +854,8 @@ fn the_engine_killed_during_a_push_or_a_fetch_resumes_to_the_same_end_state() {
                 .all(|n| !n.contains(".tmp") && !n.contains("/.")),
             "{point}: {names:?}"
         );
-        assert_eq!(count_objects_below(&host.repo_dir), 44, "{point}");
+        // 44 distinct contents and the manifest.
+        assert_eq!(count_objects_below(&host.repo_dir), 45, "{point}");
         let objects = tree_digest(&host.repo_dir.join("objects"));
         if let Some(prev) = &seen_remote {
             assert_eq!(&objects, prev, "{point}: objects were rewritten");
@@ -874,10 +880,7 @@ fn the_engine_killed_during_a_push_or_a_fetch_resumes_to_the_same_end_state() {
     });
     child.kill().unwrap();
     assert!(
-        !host
-            .repo_dir
-            .join("snapshots/20261201T020000Z/verified")
-            .exists(),
+        !host.repo_dir.join("snapshots/20261201T020000Z").exists(),
         "the push was over before the kill"
     );
     let out = child.wait_with_output().unwrap();
@@ -886,7 +889,7 @@ fn the_engine_killed_during_a_push_or_a_fetch_resumes_to_the_same_end_state() {
     let r = resume_when_unlocked(&sb, &id);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(tree(&dest), tree(&snap));
-    assert_eq!(count_objects_below(&host.repo_dir), 44);
+    assert_eq!(count_objects_below(&host.repo_dir), 45);
 }
 
 /// `runbook resume`, again while the killed engine's rsync still holds the run lock.

@@ -337,16 +337,13 @@ impl Action for OffsiteFetch {
 
     fn preflight(&self, args: &FetchArgs, world: &mut World, ctx: &ActionCtx) -> Verdict {
         if let Some(stamp) = pushed_before(world, &args.repo, ctx).map(str::to_string) {
-            // What it will fetch is not there yet; the identity can be judged now.
+            // What it will fetch is not there yet; the identity can be judged now. The
+            // key that authenticates it is the one that push keeps on this host (it
+            // makes one when it makes the repository).
             if let Err(e) = args
                 .repo
                 .check()
                 .and_then(|_| crypto::load_identities(&args.identity).map_err(|e| e.to_string()))
-                .and_then(|_| match (args.repo.pinned(), ctx.state_dir.as_path()) {
-                    (Some(_), _) => Ok(()),
-                    (None, dir) if key::RepoKey::load(&key::local_key_path(&args.repo.local_dir(dir))).ok().flatten().is_some() => Ok(()),
-                    _ => Err("give the repository key's fingerprint as `repo.key` (the push before this step prints it as `key`): without it, a repository someone replaced using only the age public key could not be told from yours".to_string()),
-                })
             {
                 return Verdict::WouldFail(e);
             }
