@@ -1347,10 +1347,15 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
     let offsite_vars = off.vars();
     let shipped = ato.run("atocore/offsite", &["--vars", &offsite_vars]);
     assert_eq!(shipped.code, 0, "{shipped:?}");
+    // Pinned from here on, as the operator records it after the first push (the new
+    // host below needs it).
+    off.pin(shipped.outputs()["key"].as_str().unwrap());
     let plans: Vec<(&str, Vec<String>)> = vec![
         ("atocore/offsite", vec![]),
         ("atocore/offsite", vec![format!("stamp={stamp}")]),
         ("atocore/offsite-list", vec![]),
+        ("atocore/offsite-check", vec![]),
+        ("atocore/offsite-check", vec!["subset=all".into()]),
         ("atocore/offsite-retention", vec![]),
         ("atocore/service", vec!["state=started".into()]),
         ("atocore/service", vec!["state=stopped".into()]),
@@ -1438,12 +1443,19 @@ fn every_atocore_runbook_plans_clean_against_the_sandbox_and_writes_nothing() {
         remote_before,
         "a plan wrote off-site"
     );
-    // atocore/recover on a brand-new host plans clean and writes nothing there either.
+    // atocore/recover on a brand-new host plans clean and writes nothing there either,
+    // and so do the list and the check there (with the identity: it has no key).
     let new_host = Ato::with(&["--empty"]);
     let new_before = tree_digest(new_host.dir());
     let r = new_host.plan("atocore/recover", &["--vars", &offsite_vars]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(r.json()["ok"], true);
+    let identity = off.identity_set();
+    for name in ["atocore/offsite-list", "atocore/offsite-check"] {
+        let r = new_host.plan(name, &["--vars", &offsite_vars, "--set", &identity]);
+        assert_eq!(r.code, 0, "{name}: {r:?}");
+        assert_eq!(r.json()["ok"], true, "{name}");
+    }
     assert_eq!(
         tree_digest(new_host.dir()),
         new_before,

@@ -176,6 +176,60 @@ fn the_drill_in_text_keeps_its_sandbox_when_asked() {
         !dir.join("run/atocore.pid").exists(),
         "the service was not stopped"
     );
+
+    // The disaster stages on the repository format v2: the first push made the
+    // repository and its key, the second was pinned to that key, and the new host
+    // (no key of its own) recovered trusting the repository only through it.
+    let key = step("ship")["outputs"]["key"].as_str().unwrap().to_string();
+    assert!(
+        key.len() == 32 && key.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{key}"
+    );
+    assert_eq!(
+        step("ship-again")["args"]["params"]["offsite_key"],
+        key.as_str()
+    );
+    assert_eq!(step("ship-again")["outputs"]["key"], key.as_str());
+    let recovery = step("disaster-recovery");
+    let argv: Vec<&str> = recovery["args"]["argv"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(
+        argv.windows(2)
+            .any(|w| w == ["--set", format!("offsite_key={key}").as_str()]),
+        "{argv:?}"
+    );
+    let repo = dir.join("offsite/host/repo");
+    let config: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(repo.join("config")).unwrap()).unwrap();
+    assert_eq!(
+        config,
+        serde_json::json!({"format": "runbook-offsite", "version": 2, "key": key})
+    );
+    assert!(repo.join(format!("keys/{key}.age")).is_file());
+    // Each shipped snapshot is one file (linked last), bound to its stamp.
+    let mut shipped: Vec<String> = ["ship", "ship-again"]
+        .iter()
+        .map(|s| step(s)["outputs"]["stamp"].as_str().unwrap().to_string())
+        .collect();
+    shipped.sort();
+    let mut files: Vec<String> = std::fs::read_dir(repo.join("snapshots"))
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            assert!(e.file_type().unwrap().is_file(), "{:?}", e.path());
+            let name = e.file_name().into_string().unwrap();
+            let snapshot: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(e.path()).unwrap()).unwrap();
+            assert_eq!(snapshot["stamp"], name.as_str(), "{snapshot}");
+            name
+        })
+        .collect();
+    files.sort();
+    assert_eq!(files, shipped);
 }
 
 /// Kills the stand-in a failed test may leave running (read from its pidfile).

@@ -924,21 +924,20 @@ const KEPT: [&str; 15] = [
 ];
 
 /// Stamps of a simulated calendar: daily 02:00Z from 2026-01-01 to 2026-11-26.
+/// The stamps the retention test pushes: every day of November up to the 26th, the
+/// first of every earlier month, and two more that only the policy's age removes.
 fn calendar() -> Vec<String> {
     let mut out = Vec::new();
-    let mut d = chrono::NaiveDate::from_ymd_opt(2026, 1, 1).unwrap();
-    while d <= chrono::NaiveDate::from_ymd_opt(2026, 11, 26).unwrap() {
-        out.push(format!("{}T020000Z", d.format("%Y%m%d")));
-        d = d.succ_opt().unwrap();
+    for day in 1..=26 {
+        out.push(format!("202611{day:02}T020000Z"));
     }
+    for month in 1..=10 {
+        out.push(format!("2026{month:02}01T020000Z"));
+    }
+    out.push("20260102T020000Z".into());
+    out.push("20260615T020000Z".into());
+    out.sort();
     out
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap().flatten() {
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
 }
 
 #[test]
@@ -946,7 +945,8 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
     let host = OffsiteHost::start();
     let sb = Sandbox::new();
     let (identity, recipient) = age_keys(sb.path(), "identity.txt");
-    // Two real pushes: the oldest snapshot with a file of its own, the newest.
+    // Real pushes (a copied snapshot file would be a replay, refused): the oldest
+    // snapshot with a file of its own, then the newest under every other stamp.
     let old = sb.p("old");
     make_snapshot(&old, 2, 100);
     std::fs::write(old.join("only-in-january.txt"), "january").unwrap();
@@ -954,17 +954,20 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
     assert_eq!(sb.run(&["run", "push-old", "--yes"]).code, 0);
     let new = sb.p("new");
     make_snapshot(&new, 2, 100);
-    push_runbook(&sb, &host, "push-new", &new, "20261126T020000Z", &recipient);
-    assert_eq!(sb.run(&["run", "push-new", "--yes"]).code, 0);
-    assert_eq!(count_objects_below(&host.repo_dir), 7);
-    // The days between: the newest snapshot as it would be shipped each day (the same
-    // objects, so the same list and marker).
-    let snapshots = host.repo_dir.join("snapshots");
-    for stamp in calendar() {
-        if !snapshots.join(&stamp).exists() {
-            copy_dir(&snapshots.join("20261126T020000Z"), &snapshots.join(&stamp));
-        }
+    let mut steps = String::from("version: 1\nsteps:\n");
+    for stamp in calendar().iter().filter(|s| *s != "20260101T020000Z") {
+        steps.push_str(&format!(
+            "  - id: push-{stamp}\n    action: offsite-push\n    with:\n      repo: {}\n      source: \"{}\"\n      stamp: \"{stamp}\"\n      recipients: [\"{recipient}\"]\n",
+            repo_yaml(&host),
+            new.display()
+        ));
     }
+    sb.write("runbooks/push-new.yaml", &steps);
+    let r = sb.run(&["run", "push-new", "--yes"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    // 6 distinct contents in the newest, January's own file, and two manifests.
+    assert_eq!(count_objects_below(&host.repo_dir), 9);
+    let snapshots = host.repo_dir.join("snapshots");
     sb.write(
         "runbooks/prune.yaml",
         &format!(
@@ -976,9 +979,10 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
     let plan = sb.run(&["plan", "prune"]);
     assert_eq!(plan.code, 0, "{plan:?}");
     assert!(
-        plan.stdout
-            .contains("delete 315 of 330 off-site snapshots: 20260101T020000Z 20260102T020000Z")
-            && plan.stdout.contains("and 1 objects")
+        plan.stdout.contains(&format!(
+            "delete 23 of 38 off-site snapshots on root@{}:22: 20260101T020000Z 20260102T020000Z",
+            host.host
+        )) && plan.stdout.contains("and 2 objects")
             && plan
                 .stdout
                 .contains("keep 15: 20261126T020000Z [daily (2026-11-26), newest]"),
@@ -992,7 +996,8 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
     let r = run_json(&sb, "prune");
     assert_eq!(r.code, 0, "{r:?}");
     let out = outputs(&r, "prune");
-    assert_eq!(out["objects_deleted"], 1);
+    // January's file and January's manifest.
+    assert_eq!(out["objects_deleted"], 2);
     let mut left: Vec<String> = std::fs::read_dir(&snapshots)
         .unwrap()
         .flatten()
@@ -1002,9 +1007,14 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
     let mut kept: Vec<String> = KEPT.iter().map(|s| s.to_string()).collect();
     kept.sort();
     assert_eq!(left, kept);
-    assert_eq!(count_objects_below(&host.repo_dir), 6);
+    assert_eq!(count_objects_below(&host.repo_dir), 7);
     let listed = list(&sb, &host);
-    assert!(listed.values().all(|s| s["verified"] == true), "{listed:?}");
+    assert!(
+        listed
+            .values()
+            .all(|s| s["authenticated"] == true && s["complete"] == true),
+        "{listed:?}"
+    );
     // Again: nothing more goes.
     let plan = sb.run(&["plan", "prune"]);
     assert!(

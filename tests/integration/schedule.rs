@@ -52,6 +52,12 @@ const JOBS: &[(&str, &str, &str, &str)] = &[
         "0 4 * * *",
     ),
     (
+        "atocore-offsite-check",
+        "run atocore/offsite-check --vars /etc/runbook/atocore.yaml --yes --format json",
+        "Sun *-*-* 04:30:00",
+        "30 4 * * 0",
+    ),
+    (
         "atocore-drill",
         "run atocore/drill --set stamp=latest --vars /etc/runbook/atocore.yaml --yes --format json",
         "*-01,04,07,10-01 05:00:00",
@@ -224,12 +230,22 @@ fn the_units_are_the_jobs_the_procedure_schedules_and_report_failure() {
         ]
     );
     assert_eq!(
-        after("atocore-drill"),
+        after("atocore-offsite-check"),
         [
             "atocore-backup-daily.service",
             "atocore-backup-weekly.service",
             "atocore-offsite.service",
             "atocore-retention.service"
+        ]
+    );
+    assert_eq!(
+        after("atocore-drill"),
+        [
+            "atocore-backup-daily.service",
+            "atocore-backup-weekly.service",
+            "atocore-offsite.service",
+            "atocore-retention.service",
+            "atocore-offsite-check.service"
         ]
     );
 
@@ -630,8 +646,14 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
         commands.push((format!("crontab {}", fields.join(" ")), stem, argv(command)));
     }
 
+    // The off-site check plans against a repository that holds a snapshot: it is
+    // planned after the others, once the snapshot has been shipped for real.
+    let (checks, others): (Vec<_>, Vec<_>) = commands
+        .iter()
+        .partition(|(_, stem, _)| *stem == "atocore-offsite-check");
+    assert_eq!(checks.len(), 2);
     let mut planned = BTreeMap::<String, usize>::new();
-    for (source, stem, words) in &commands {
+    let mut plan_of = |source: &str, words: &[String]| -> (String, Json) {
         let args = as_plan(words, &[&sandbox_vars, &drill_vars, &offsite_vars]);
         let r = runbook(d, &args);
         assert_eq!(r.code, 0, "{source}: {args:?}\n{r:?}");
@@ -645,6 +667,11 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
             format!("{RUNBOOKS}/{name}.yaml"),
             "{source}"
         );
+        *planned.entry(name.clone()).or_default() += 1;
+        (name, plan)
+    };
+    for (source, stem, words) in &others {
+        let (name, plan) = plan_of(source, words);
         match (*stem, name.as_str()) {
             ("atocore-backup-daily", "atocore/backup") => {
                 assert_eq!(plan["params"]["include_chroma"], false, "{source}")
@@ -673,7 +700,74 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
             }
             other => panic!("{source}: unexpected {other:?}"),
         }
-        *planned.entry(name).or_default() += 1;
+    }
+    // Plans write nothing: no new or pruned snapshot, no scratch copy, nothing off-site.
+    assert_eq!(snapshot_names(d), BTreeSet::from([stamp.clone()]));
+    assert_eq!(
+        std::fs::read_dir(&host.repo_dir).unwrap().count(),
+        0,
+        "a plan wrote off-site"
+    );
+    assert!(!drill_dir.exists());
+
+    // The snapshot shipped for real, then the check planned: it would have the remote
+    // hash the default subset (10%, as the command sets none) of the one snapshot, with
+    // the key this host keeps (no identity), and it writes nothing there.
+    let shipped = runbook(
+        d,
+        &strings(&[
+            "run",
+            "atocore/offsite",
+            "--vars",
+            &vars,
+            "--vars",
+            offsite_vars.to_str().unwrap(),
+            "--yes",
+            "--format",
+            "json",
+        ]),
+    );
+    assert_eq!(shipped.code, 0, "{shipped:?}");
+    let remote = crate::support::tree_digest(&host.repo_dir);
+    for (source, stem, words) in &checks {
+        let (name, plan) = plan_of(source, words);
+        assert_eq!(
+            (*stem, name.as_str()),
+            ("atocore-offsite-check", "atocore/offsite-check")
+        );
+        assert_eq!(plan["params"]["subset"], "10%", "{source}");
+        let steps: Vec<(&str, &str, &str)> = plan["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| {
+                (
+                    s["id"].as_str().unwrap(),
+                    s["verdict"].as_str().unwrap(),
+                    s["detail"].as_str().unwrap_or_default(),
+                )
+            })
+            .collect();
+        assert_eq!(steps.len(), 2, "{source}: {steps:?}");
+        assert_eq!(
+            (steps[0].0, steps[0].1),
+            ("check", "will-change"),
+            "{source}"
+        );
+        assert!(
+            steps[0].2.starts_with(&format!(
+                "check 1 snapshots on root@{}:22: the remote hashes 10% of ",
+                host.host
+            )),
+            "{source}: {steps:?}"
+        );
+        assert_eq!(steps[1].0, "check-with-identity", "{source}");
+        assert_eq!(steps[1].1, "skipped", "{source}: {steps:?}");
+        assert_eq!(
+            crate::support::tree_digest(&host.repo_dir),
+            remote,
+            "{source}: the plan wrote off-site"
+        );
     }
     assert_eq!(
         planned,
@@ -681,17 +775,10 @@ fn every_scheduled_command_plans_clean_against_an_atocore_sandbox() {
             ("atocore/backup".to_string(), 4),
             ("atocore/drill".into(), 2),
             ("atocore/offsite".into(), 2),
+            ("atocore/offsite-check".into(), 2),
             ("atocore/retention".into(), 2),
         ])
     );
-    // Plans write nothing: no new or pruned snapshot, no scratch copy, nothing off-site.
-    assert_eq!(snapshot_names(d), BTreeSet::from([stamp]));
-    assert_eq!(
-        std::fs::read_dir(&host.repo_dir).unwrap().count(),
-        0,
-        "a plan wrote off-site"
-    );
-    assert!(!drill_dir.exists());
 
     let stop = service(d, &vars, "stopped");
     assert_eq!(stop.code, 0, "{stop:?}");

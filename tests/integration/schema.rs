@@ -54,6 +54,7 @@ fn schema_file_matches_the_code() {
             "offsite-list",
             "offsite-fetch",
             "offsite-retention",
+            "offsite-check",
             "assert",
             "confirm",
             "runbook"
