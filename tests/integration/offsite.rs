@@ -715,9 +715,10 @@ fn the_fetch_plan_names_the_identity_when_it_is_missing_or_cannot_decrypt() {
     let r = fresh.run(&["plan", "wrong"]);
     assert_ne!(r.code, 0, "{r:?}");
     assert!(
-        r.stdout
-            .contains("the identity cannot decrypt the repository key")
-            && r.stdout.contains("(argument `identity`)"),
+        r.stdout.contains(&format!(
+            "the identity `{}` cannot decrypt the repository key",
+            other2.display()
+        )) && r.stdout.contains("(argument `identity`)"),
         "{r:?}"
     );
     let right = fresh.p("identity.txt");

@@ -13,12 +13,12 @@ use schemars::JsonSchema;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::crypto::{self, Identities};
+use super::crypto;
 use super::fetch::{self, Opened};
 use super::format::{self, Check, LockKind, Signed, object_path};
 use super::repo::{self, Holder, RepoArgs};
 use super::ssh::Remote;
-use super::{check_pin, human, pushed_before};
+use super::{check_pin, human, identities, pushed_before, with_path};
 use crate::actions::{Action, ActionCtx, ActionError, Effect, Outputs, Verdict};
 use crate::world::World;
 
@@ -26,7 +26,7 @@ use crate::world::World;
 pub fn open_locked(
     remote: &Remote,
     state_dir: &Path,
-    ids: Option<&Identities>,
+    ids: Option<crypto::IdentityFile>,
     holder: &Holder,
 ) -> Result<Opened, String> {
     fetch::open_with(remote, state_dir, ids, Some(holder))
@@ -35,6 +35,7 @@ pub fn open_locked(
 /// Verify the off-site repository by the remote's digests, all of it or a subset.
 #[derive(Debug, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "OffsiteCheckArgs")]
 pub struct CheckArgs {
     pub repo: RepoArgs,
     /// How much of the objects' data to have the remote hash: `all` (default), a
@@ -90,17 +91,18 @@ pub struct OffsiteCheck;
 fn check(args: &CheckArgs, ctx: &ActionCtx, write: bool) -> Result<Outputs, String> {
     args.repo.check()?;
     let subset = parse_subset(&args.subset)?;
-    let ids = args
-        .identity
-        .as_ref()
-        .map(|p| crypto::load_identities(p).map_err(|e| e.to_string()))
-        .transpose()?;
+    let ids = identities(&args.identity)?;
     let remote = Remote::new(&args.repo);
     let holder = Holder::new(LockKind::Shared, "offsite-check".into())?;
     let o = if write {
-        open_locked(&remote, &ctx.state_dir, ids.as_ref(), &holder)?
+        open_locked(
+            &remote,
+            &ctx.state_dir,
+            with_path(&ids, &args.identity),
+            &holder,
+        )?
     } else {
-        fetch::open(&remote, &ctx.state_dir, ids.as_ref())?
+        fetch::open(&remote, &ctx.state_dir, with_path(&ids, &args.identity))?
     };
     let own = o.key.identities();
     let result = check_opened(&remote, &o, &subset, write, ids.as_ref().unwrap_or(&own));
@@ -292,12 +294,8 @@ impl Action for OffsiteCheck {
         }
         // The plan reads the listing and the manifests; the remote hashes nothing.
         let planned = args.repo.check().and_then(|_| {
-            let ids = args
-                .identity
-                .as_ref()
-                .map(|p| crypto::load_identities(p).map_err(|e| e.to_string()))
-                .transpose()?;
-            let o = fetch::open(&remote, &ctx.state_dir, ids.as_ref())?;
+            let ids = identities(&args.identity)?;
+            let o = fetch::open(&remote, &ctx.state_dir, with_path(&ids, &args.identity))?;
             let total: u64 = o.listing.objects.values().sum();
             Ok((o.listing.stamps().len(), total))
         });

@@ -37,6 +37,9 @@ pub enum CryptoError {
 
 pub type Identities = Vec<Box<dyn age::Identity + Send + Sync>>;
 
+/// Identities with the file they came from, for messages that must say which.
+pub type IdentityFile<'a> = (&'a Identities, &'a Path);
+
 pub fn parse_recipients(keys: &[String]) -> Result<Vec<age::x25519::Recipient>, CryptoError> {
     if keys.is_empty() {
         return Err(CryptoError::NoRecipients);

@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::json;
 
-use super::crypto::{self, CryptoError, Identities};
+use super::crypto::{self, CryptoError, Identities, IdentityFile};
 use super::format::{self, Cipher, Entry, Index, Kind, Manifest, Signed, Snapshot, object_path};
 use super::key::{self, RepoKey};
 use super::repo::{self, Depth, Listing};
@@ -52,7 +52,11 @@ pub struct Opened {
     pub bad_index: Vec<String>,
 }
 
-pub fn open(remote: &Remote, state_dir: &Path, ids: Option<&Identities>) -> Result<Opened, String> {
+pub fn open(
+    remote: &Remote,
+    state_dir: &Path,
+    ids: Option<IdentityFile>,
+) -> Result<Opened, String> {
     open_with(remote, state_dir, ids, None)
 }
 
@@ -60,7 +64,7 @@ pub fn open(remote: &Remote, state_dir: &Path, ids: Option<&Identities>) -> Resu
 pub fn open_with(
     remote: &Remote,
     state_dir: &Path,
-    ids: Option<&Identities>,
+    ids: Option<IdentityFile>,
     holder: Option<&repo::Holder>,
 ) -> Result<Opened, String> {
     let take = holder.map(|h| repo::Take {
@@ -83,7 +87,7 @@ pub fn open_with(
 fn opened(
     remote: &Remote,
     state_dir: &Path,
-    ids: Option<&Identities>,
+    ids: Option<IdentityFile>,
     listing: Listing,
     holder: Option<&repo::Holder>,
 ) -> Result<Opened, String> {
@@ -154,7 +158,7 @@ pub fn assess(
         let r = match o.listing.texts.get(&path) {
             None => Err(format!("{path} is not there")),
             Some(text) => match Snapshot::open(text, &o.key) {
-                Err(why) => Err(format!("{path} {why}")),
+                Err(why) => Err(format!("{path}: {why}")),
                 Ok(s) if s.stamp != *stamp => Err(format!(
                     "{path} is snapshot {} copied under another stamp (replayed)",
                     s.stamp
@@ -240,8 +244,18 @@ pub fn assess(
     Ok(out)
 }
 
+/// The record of the last `offsite-check` of `stamp`, when it authenticates and is
+/// that snapshot's (not another's copied under its name).
+pub fn last_check(o: &Opened, stamp: &str) -> Option<format::Check> {
+    o.listing
+        .texts
+        .get(&format::check_path(stamp))
+        .and_then(|t| format::Check::open(t, &o.key).ok())
+        .filter(|c| c.stamp == stamp)
+}
+
 /// The snapshot to fetch: the stamp asked for, or `latest`, the newest that is
-/// authenticated and complete.
+/// authenticated and complete and that the last `offsite-check` (if any) found whole.
 fn choose(
     args: &FetchArgs,
     remote: &Remote,
@@ -256,7 +270,14 @@ fn choose(
         let mut assessed = assess(remote, o, &newest_first, ids)?;
         let mut skipped = Vec::new();
         for stamp in &newest_first {
+            // What the last `offsite-check` found damaged there stays suspect until a
+            // later check finds it whole: `offsite-list` shows the same.
+            let check_found = last_check(o, stamp).map(|c| c.problems).unwrap_or_default();
             match assessed.remove(stamp) {
+                Some(Ok(_)) if !check_found.is_empty() => skipped.push(format!(
+                    "{stamp}: the last offsite-check found {}",
+                    check_found.join(", ")
+                )),
                 Some(Ok(a)) if a.complete() => return Ok((stamp.clone(), a)),
                 Some(Ok(a)) => skipped.push(format!("{stamp}: {}", a.missing.join(", "))),
                 Some(Err(e)) => skipped.push(format!("{stamp}: {e}")),
@@ -435,7 +456,7 @@ fn check_room(dest: &Path, manifest: &Manifest) -> Result<(), String> {
 pub fn plan(args: &FetchArgs, ctx: &ActionCtx) -> Result<String, Planned> {
     let ids = load(args).map_err(Planned::Fails)?;
     let remote = Remote::new(&args.repo);
-    let o = open(&remote, &ctx.state_dir, Some(&ids)).map_err(Planned::Fails)?;
+    let o = open(&remote, &ctx.state_dir, Some((&ids, &args.identity))).map_err(Planned::Fails)?;
     let (stamp, a) = choose(args, &remote, &o, &ids).map_err(Planned::Fails)?;
     let files = a
         .manifest
@@ -477,7 +498,7 @@ pub fn plan(args: &FetchArgs, ctx: &ActionCtx) -> Result<String, Planned> {
 pub fn run(args: &FetchArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     let ids = load(args)?;
     let remote = Remote::new(&args.repo);
-    let o = open(&remote, &ctx.state_dir, Some(&ids))?;
+    let o = open(&remote, &ctx.state_dir, Some((&ids, &args.identity)))?;
     let (stamp, a) = choose(args, &remote, &o, &ids)?;
     let files = a
         .manifest

@@ -105,7 +105,7 @@ pub struct OffsitePush;
 impl Action for OffsitePush {
     type Args = PushArgs;
     const NAME: &'static str = "offsite-push";
-    const SUMMARY: &'static str = "encrypt a snapshot (age) and send what the off-site repository lacks over ssh/rsync; verified there by digest before it counts as shipped";
+    const SUMMARY: &'static str = "encrypt a snapshot (age) and stream what the off-site repository lacks over ssh (tar, in batches); checked there by digest and linked without replacing before the snapshot is committed";
     const OUTPUTS: &'static [&'static str] = &[
         "stamp",
         "objects",
@@ -193,9 +193,20 @@ pub struct ListArgs {
 
 pub struct OffsiteList;
 
-fn identities(identity: &Option<PathBuf>) -> Result<Option<crypto::Identities>, String> {
+/// The loaded identities with their file, for [`fetch::open`].
+pub(super) fn with_path<'a>(
+    ids: &'a Option<crypto::Identities>,
+    path: &'a Option<PathBuf>,
+) -> Option<crypto::IdentityFile<'a>> {
+    Some((ids.as_ref()?, path.as_deref()?))
+}
+
+/// The optional identity of list and check: an empty path (a runbook param left
+/// empty) means none, as an empty `repo.key` does.
+pub(super) fn identities(identity: &Option<PathBuf>) -> Result<Option<crypto::Identities>, String> {
     identity
         .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
         .map(|p| crypto::load_identities(p).map_err(|e| e.to_string()))
         .transpose()
 }
@@ -207,7 +218,7 @@ pub fn listing(args: &ListArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     args.repo.check()?;
     let ids = identities(&args.identity)?;
     let remote = Remote::new(&args.repo);
-    let o = fetch::open(&remote, &ctx.state_dir, ids.as_ref())?;
+    let o = fetch::open(&remote, &ctx.state_dir, with_path(&ids, &args.identity))?;
     let mut stamps = o.listing.stamps();
     stamps.reverse();
     let own = o.key.identities();
@@ -215,12 +226,7 @@ pub fn listing(args: &ListArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     let mut snapshots = Vec::new();
     let mut latest = None;
     for stamp in &stamps {
-        let checked = o
-            .listing
-            .texts
-            .get(&format::check_path(stamp))
-            .and_then(|t| format::Check::open(t, &o.key).ok())
-            .filter(|c| c.stamp == *stamp);
+        let checked = fetch::last_check(&o, stamp);
         let (authenticated, complete, objects, bytes, problems) = match &assessed[stamp] {
             Ok(a) => (
                 true,
@@ -231,7 +237,9 @@ pub fn listing(args: &ListArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
             ),
             Err(e) => (false, false, 0, 0, vec![e.clone()]),
         };
-        let verified = authenticated && complete;
+        // What `stamp=latest` would fetch: the last check's findings count too.
+        let verified =
+            authenticated && complete && checked.as_ref().is_none_or(|c| c.problems.is_empty());
         if verified && latest.is_none() {
             latest = Some(stamp.clone());
         }

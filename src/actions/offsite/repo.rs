@@ -609,7 +609,7 @@ pub fn key_for(
     remote: &Remote,
     listing: &Listing,
     local: Option<RepoKey>,
-    ids: Option<&super::crypto::Identities>,
+    ids: Option<super::crypto::IdentityFile>,
 ) -> Result<RepoKey, String> {
     let target = format!("{}/{}", remote.target(), remote.repo.dir.display());
     let pinned = remote.repo.pinned();
@@ -632,7 +632,7 @@ pub fn key_for(
         }
         return Ok(k);
     }
-    let Some(ids) = ids else {
+    let Some((ids, ids_path)) = ids else {
         return Err(format!(
             "this host holds no key for {target}, so nothing there can be authenticated: run this on the host that pushes to it, or give the age identity and the key's fingerprint (`repo.key`)"
         ));
@@ -648,6 +648,14 @@ pub fn key_for(
         ));
     };
     let name = format::key_path(p);
+    if !listing.keys.contains(&name) {
+        return Err(format!(
+            "{target} holds no key {p} (`repo.key`): it is not the repository with that key, or the key file was removed{}",
+            there
+                .map(|t| format!(" ({target} says its key is {t})"))
+                .unwrap_or_default()
+        ));
+    }
     let files = get_files(remote, std::slice::from_ref(&name))
         .map_err(|e| format!("reading {name} on {target}: {e}"))?;
     let sealed = files.get(&name).ok_or_else(|| {
@@ -655,7 +663,8 @@ pub fn key_for(
     })?;
     let k = RepoKey::unwrap(ids, sealed).ok_or_else(|| {
         format!(
-            "the identity cannot decrypt the repository key {name} on {target} (argument `identity`): it holds none of the keys the repository was made for"
+            "the identity `{}` cannot decrypt the repository key {name} on {target} (argument `identity`): it holds none of the keys the repository was made for",
+            ids_path.display()
         )
     })?;
     if k.fingerprint() != p {
