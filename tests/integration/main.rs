@@ -19,6 +19,7 @@ mod interrupted;
 mod journal;
 mod json;
 mod offsite;
+mod offsite_attacks;
 mod offsite_host;
 mod retention;
 mod schedule;

@@ -24,7 +24,7 @@ const FILE_NAMES: [&str; 4] = [
 ];
 
 /// An age identity made by Debian's age-keygen: (identity file, public key).
-fn age_keys(dir: &Path, name: &str) -> (PathBuf, String) {
+pub(crate) fn age_keys(dir: &Path, name: &str) -> (PathBuf, String) {
     let path = dir.join(name);
     let out = Command::new("age-keygen")
         .arg("-o")
@@ -44,7 +44,7 @@ fn age_keys(dir: &Path, name: &str) -> (PathBuf, String) {
 
 /// A snapshot like AtoCore's: a database, a registry, a vector store of many files, a
 /// symlink, modes that differ.
-fn make_snapshot(root: &Path, chroma_files: usize, chroma_bytes: usize) {
+pub(crate) fn make_snapshot(root: &Path, chroma_files: usize, chroma_bytes: usize) {
     let w = |rel: &str, data: &[u8], mode: u32| {
         let p = root.join(rel);
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
@@ -90,7 +90,7 @@ fn make_snapshot(root: &Path, chroma_files: usize, chroma_bytes: usize) {
 
 /// What a restore must reproduce: every entry's kind, mode, size, content digest,
 /// link target and (files) mtime.
-fn tree(root: &Path) -> BTreeMap<String, String> {
+pub(crate) fn tree(root: &Path) -> BTreeMap<String, String> {
     let mut out = BTreeMap::new();
     for e in walkdir::WalkDir::new(root)
         .follow_links(false)
@@ -119,13 +119,13 @@ fn tree(root: &Path) -> BTreeMap<String, String> {
     out
 }
 
-fn repo_yaml(h: &OffsiteHost) -> String {
+pub(crate) fn repo_yaml(h: &OffsiteHost) -> String {
     repo_yaml_pinned(h, None)
 }
 
 /// The repo arguments, with the repository key's fingerprint pinned when `key` is given
 /// (how a host that does not keep the key trusts the repository).
-fn repo_yaml_pinned(h: &OffsiteHost, key: Option<&str>) -> String {
+pub(crate) fn repo_yaml_pinned(h: &OffsiteHost, key: Option<&str>) -> String {
     format!(
         "{{host: \"{}\", port: {}, user: {}, dir: \"{}\", ssh_key: \"{}\", known_hosts: \"{}\"{}}}",
         h.host,
@@ -138,7 +138,7 @@ fn repo_yaml_pinned(h: &OffsiteHost, key: Option<&str>) -> String {
     )
 }
 
-fn push_runbook(
+pub(crate) fn push_runbook(
     sb: &Sandbox,
     h: &OffsiteHost,
     name: &str,
@@ -156,7 +156,7 @@ fn push_runbook(
     );
 }
 
-fn fetch_runbook(
+pub(crate) fn fetch_runbook(
     sb: &Sandbox,
     h: &OffsiteHost,
     name: &str,
@@ -176,7 +176,7 @@ fn fetch_runbook(
     );
 }
 
-fn list_runbook(sb: &Sandbox, h: &OffsiteHost) {
+pub(crate) fn list_runbook(sb: &Sandbox, h: &OffsiteHost) {
     sb.write(
         "runbooks/list.yaml",
         &format!(
@@ -186,7 +186,7 @@ fn list_runbook(sb: &Sandbox, h: &OffsiteHost) {
     );
 }
 
-fn events(r: &Run) -> Vec<Json> {
+pub(crate) fn events(r: &Run) -> Vec<Json> {
     r.stdout
         .lines()
         .filter_map(|l| serde_json::from_str(l).ok())
@@ -194,7 +194,7 @@ fn events(r: &Run) -> Vec<Json> {
 }
 
 /// The outputs of step `key` in a `--format json` run.
-fn outputs(r: &Run, key: &str) -> Json {
+pub(crate) fn outputs(r: &Run, key: &str) -> Json {
     events(r)
         .into_iter()
         .find(|e| e["event"] == "step-succeeded" && e["key"] == key)
@@ -202,11 +202,11 @@ fn outputs(r: &Run, key: &str) -> Json {
         .clone()
 }
 
-fn run_json(sb: &Sandbox, name: &str) -> Run {
+pub(crate) fn run_json(sb: &Sandbox, name: &str) -> Run {
     sb.run(&["run", name, "--yes", "--format", "json"])
 }
 
-fn list(sb: &Sandbox, h: &OffsiteHost) -> BTreeMap<String, Json> {
+pub(crate) fn list(sb: &Sandbox, h: &OffsiteHost) -> BTreeMap<String, Json> {
     list_runbook(sb, h);
     let r = run_json(sb, "list");
     assert_eq!(r.code, 0, "{r:?}");
@@ -228,7 +228,7 @@ fn all_bytes(root: &Path) -> Vec<(PathBuf, Vec<u8>)> {
         .collect()
 }
 
-fn hex(data: &[u8]) -> String {
+pub(crate) fn hex(data: &[u8]) -> String {
     Sha256::digest(data)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -240,7 +240,7 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Limits what the host side of the link sends to the host (tc's token bucket).
-fn slow_link(host: &OffsiteHost, rate: &str) {
+pub(crate) fn slow_link(host: &OffsiteHost, rate: &str) {
     let st = Command::new("tc")
         .args([
             "qdisc", "replace", "dev", &host.veth, "root", "tbf", "rate", rate,
@@ -252,7 +252,7 @@ fn slow_link(host: &OffsiteHost, rate: &str) {
 }
 
 /// Waits (bounded by `secs`) until `cond` holds.
-fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
+pub(crate) fn wait_for(what: &str, secs: u64, mut cond: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
     while !cond() {
         assert!(
@@ -483,7 +483,11 @@ fn the_age_cli_alone_recovers_every_file_by_hand_from_the_identity() {
 }
 
 /// The manifest of snapshot `stamp` as the age CLI decrypts it, and its object's path.
-fn manifest_by_hand(host: &OffsiteHost, identity: &Path, stamp: &str) -> (Json, PathBuf) {
+pub(crate) fn manifest_by_hand(
+    host: &OffsiteHost,
+    identity: &Path,
+    stamp: &str,
+) -> (Json, PathBuf) {
     let snapshot: Json = serde_json::from_slice(
         &std::fs::read(host.repo_dir.join(format!("snapshots/{stamp}"))).unwrap(),
     )
@@ -502,7 +506,7 @@ fn manifest_by_hand(host: &OffsiteHost, identity: &Path, stamp: &str) -> (Json, 
 }
 
 /// The object path of the file `path` in a manifest.
-fn object_of(host: &OffsiteHost, manifest: &Json, path: &str) -> PathBuf {
+pub(crate) fn object_of(host: &OffsiteHost, manifest: &Json, path: &str) -> PathBuf {
     let id = manifest["entries"]
         .as_array()
         .unwrap()
@@ -735,7 +739,7 @@ fn the_fetch_plan_names_the_identity_when_it_is_missing_or_cannot_decrypt() {
     assert!(!dest.exists());
 }
 
-fn count_objects_below(dir: &Path) -> usize {
+pub(crate) fn count_objects_below(dir: &Path) -> usize {
     walkdir::WalkDir::new(dir.join("objects"))
         .into_iter()
         .flatten()

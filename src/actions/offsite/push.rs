@@ -299,6 +299,15 @@ impl Plan {
     }
 }
 
+fn no_room(target: &str, dir: &Path, wanted: u64, room: u64) -> String {
+    format!(
+        "the off-site host {target} has {} free where the repository is (`{}`); this push needs about {}: free space there (`offsite-retention` removes old snapshots and what only they need) and run again",
+        human(room),
+        dir.display(),
+        human(wanted)
+    )
+}
+
 /// The plan: the source's walk, this host's key and cache, and one listing; writes
 /// nothing anywhere and hashes nothing (a file the cache does not know counts as
 /// changed).
@@ -366,6 +375,14 @@ pub fn plan(args: &PushArgs, ctx: &ActionCtx) -> Result<Plan, String> {
             .collect();
         plan.changed_files = changed.len();
         plan.changed_bytes = changed.iter().filter_map(|l| l.entry.size).sum();
+    }
+    // Only a new repository is known to lack every file; otherwise a changed file may
+    // be there already (the plan hashes nothing), so the run decides, before sending.
+    if new_repo && let Some(room) = listing.room {
+        let wanted = plan.bytes + plan.bytes / 512 + 1024 * (files.len() as u64 + 16);
+        if room < wanted {
+            return Err(no_room(&plan.target, &args.repo.dir, wanted, room));
+        }
     }
     Ok(plan)
 }
@@ -598,6 +615,20 @@ fn push_locked(
             Source::Bytes(b) => b.len() as u64,
         })
         .sum();
+    // Room there, judged before anything is sent: age adds little (32 bytes in 64 KiB
+    // and a header), tar 512 bytes a file; an upload that would fill the disk half
+    // way helps nobody.
+    let wanted = needed_plain + needed_plain / 512 + 1024 * (needed.len() as u64 + 16);
+    if let Some(room) = listing.room
+        && room < wanted
+    {
+        return Err(Failure::Other(no_room(
+            &target,
+            &args.repo.dir,
+            wanted,
+            room,
+        )));
+    }
 
     let repo_recipient = key.recipient();
     let mut all: Vec<&(dyn age::Recipient + Sync)> = recipients

@@ -118,6 +118,8 @@ pub struct Listing {
     pub objects: BTreeMap<String, u64>,
     /// Names of the files under keys/.
     pub keys: Vec<String>,
+    /// Bytes free there, as `df` says.
+    pub room: Option<u64>,
 }
 
 /// What a listing reads besides config, generation, snapshots and locks.
@@ -151,6 +153,7 @@ for f in config runbook-offsite.json generation snapshots/* locks/* $more; do
   printf 'C %s %s\n%s' "${#c}" "$f" "$c"
 done
 for f in keys/*; do [ -f "$f" ] && printf 'K %s\n' "$f"; done
+df -Pk . 2>/dev/null | awk 'NR==2 { print "R " $4 * 1024 }'
 if [ "$4" = full ]; then
   [ -d objects ] && find objects -type f -name '????????????????????????????????????????????????????????????????' -printf 'F %s %p\n'
 else
@@ -248,6 +251,8 @@ impl Listing {
                 }
             } else if let Some(k) = s.strip_prefix("K ") {
                 l.keys.push(k.to_string());
+            } else if let Some(r) = s.strip_prefix("R ") {
+                l.room = r.trim().parse().ok();
             }
         }
         l.v1 = l.texts.contains_key("runbook-offsite.json");
@@ -416,7 +421,7 @@ mkdir -p -- "$1" && cd -- "$1" || exit 3
 t="tmp/$2"
 rm -rf -- "$t" && mkdir -p -- "$t" || exit 3
 fail() { rm -rf -- "$t"; exit "$1"; }
-tar -x -f - -C "$t" 2>&1 >&2 || fail 4
+tar -x -f - -C "$t" >&2 || fail 4
 ( cd -- "$t" && sha256sum --quiet --strict -c SHA256SUMS ) >&2 || fail 5
 for src in "$t/keys" "$t/index" "$t"/objects/*; do
   [ -d "$src" ] || continue
