@@ -1039,3 +1039,46 @@ fn offsite_retention_keeps_the_policys_fifteen_and_removes_what_only_the_others_
     assert_eq!(sb.run(&["run", "fetch", "--yes"]).code, 0);
     assert_eq!(tree(&dest), tree(&new));
 }
+
+#[test]
+fn a_version_1_repository_is_refused_by_name_and_left_as_it_is() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    // What a v1 push left: its format file, a snapshot with its marker, an object.
+    std::fs::write(
+        host.repo_dir.join("runbook-offsite.json"),
+        "{\"format\":\"runbook-offsite\",\"version\":1}",
+    )
+    .unwrap();
+    std::fs::create_dir_all(host.repo_dir.join("snapshots/20261101T020000Z")).unwrap();
+    std::fs::write(
+        host.repo_dir.join("snapshots/20261101T020000Z/verified"),
+        "",
+    )
+    .unwrap();
+    let before = tree_digest(&host.repo_dir);
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 1, 100);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+    list_runbook(&sb, &host);
+    let dest = sb.p("dest");
+    fetch_runbook(&sb, &host, "fetch", "latest", &identity, &dest, None);
+    for name in ["push", "list", "fetch"] {
+        for cmd in [&["plan", name][..], &["run", name, "--yes"][..]] {
+            let r = sb.run(cmd);
+            assert_ne!(r.code, 0, "{cmd:?}: {r:?}");
+            assert!(
+                r.stdout.contains("is of format version 1")
+                    || r.stderr.contains("is of format version 1"),
+                "{cmd:?}: {r:?}"
+            );
+        }
+    }
+    assert_eq!(
+        tree_digest(&host.repo_dir),
+        before,
+        "the v1 repository changed"
+    );
+    assert!(!dest.exists());
+}

@@ -203,7 +203,7 @@ impl Listing {
             return Err(RepoError::Format {
                 target: remote.target(),
                 dir,
-                why: "is of format version 1, whose snapshots are not authenticated: this engine reads version 2. Migrate it with the `offsite-migrate` action on the host that pushed to it (README, \"Off-site repository format\")".into(),
+                why: "is of format version 1, whose snapshots are not authenticated: this engine reads and writes version 2 only and has no migration yet. Recover from it with the runbook release that wrote it, and push to a new `dir` with this one (README, \"Off-site repository format\")".into(),
             });
         }
         if let Some(text) = listing.texts.get("config")
