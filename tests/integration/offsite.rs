@@ -1082,3 +1082,38 @@ fn a_version_1_repository_is_refused_by_name_and_left_as_it_is() {
     );
     assert!(!dest.exists());
 }
+
+#[test]
+fn ciphertext_an_earlier_release_staged_under_the_state_dir_is_named_by_the_plan_and_removed() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (_, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 1, 100);
+    push_runbook(&sb, &host, "push", &snap, "20261201T020000Z", &recipient);
+    assert_eq!(sb.run(&["run", "push", "--yes"]).code, 0);
+    // Where format 1 staged a failed push's ciphertext: beside this repository's key.
+    let local = walkdir::WalkDir::new(sb.p("state"))
+        .into_iter()
+        .flatten()
+        .find(|e| e.file_name() == "repo-key")
+        .unwrap()
+        .path()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let staged = local.join("staging/20261130T020000Z/objects/ab");
+    std::fs::create_dir_all(&staged).unwrap();
+    std::fs::write(staged.join("ab01"), vec![0u8; 3 << 20]).unwrap();
+    push_runbook(&sb, &host, "push2", &snap, "20261202T020000Z", &recipient);
+    let plan = sb.run(&["plan", "push2"]);
+    assert_eq!(plan.code, 0, "{plan:?}");
+    assert!(
+        plan.stdout
+            .contains("first removes 3.0 MiB an earlier release staged under the state dir"),
+        "{plan:?}"
+    );
+    assert!(staged.join("ab01").exists(), "the plan removed it");
+    assert_eq!(sb.run(&["run", "push2", "--yes"]).code, 0);
+    assert!(!local.join("staging").exists());
+}

@@ -262,6 +262,9 @@ pub struct Plan {
     changed_bytes: u64,
     already: bool,
     new_repo: bool,
+    /// Bytes of ciphertext an earlier release staged under the state dir, removed by
+    /// the run.
+    leftover: u64,
 }
 
 impl Plan {
@@ -292,8 +295,16 @@ impl Plan {
                 human(self.changed_bytes)
             )
         };
+        let cleanup = if self.leftover > 0 {
+            format!(
+                "; first removes {} an earlier release staged under the state dir",
+                human(self.leftover)
+            )
+        } else {
+            String::new()
+        };
         Verdict::WillChange(format!(
-            "{what}, encrypted, as {} to {}; verified there by digest before the snapshot is committed",
+            "{what}, encrypted, as {} to {}; verified there by digest before the snapshot is committed{cleanup}",
             self.stamp, self.target
         ))
     }
@@ -306,6 +317,18 @@ fn no_room(target: &str, dir: &Path, wanted: u64, room: u64) -> String {
         dir.display(),
         human(wanted)
     )
+}
+
+/// Bytes below `<local_dir>/staging`, what format 1's pushes left.
+fn leftover_bytes(local_dir: &Path) -> u64 {
+    walkdir::WalkDir::new(local_dir.join("staging"))
+        .follow_links(false)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.file_type().is_file())
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 /// The plan: the source's walk, this host's key and cache, and one listing; writes
@@ -347,6 +370,7 @@ pub fn plan(args: &PushArgs, ctx: &ActionCtx) -> Result<Plan, String> {
         changed_bytes: files.iter().filter_map(|l| l.entry.size).sum(),
         already: false,
         new_repo,
+        leftover: leftover_bytes(&local_dir),
     };
     if let Some(key) = &key {
         if let Some(text) = listing.texts.get(&format::snapshot_path(&args.stamp)) {
@@ -405,6 +429,13 @@ pub fn run(args: &PushArgs, ctx: &ActionCtx) -> Result<Outputs, String> {
     };
     let mut locals = walk(&args.source)?;
     let local_dir = args.repo.local_dir(&ctx.state_dir);
+    // Format 1 staged every object's ciphertext here and a failed push left it (GBs):
+    // this release stages nothing, so what is there is garbage.
+    let staging = local_dir.join("staging");
+    if std::fs::symlink_metadata(&staging).is_ok() {
+        std::fs::remove_dir_all(&staging)
+            .map_err(|e| format!("removing `{}`: {e}", staging.display()))?;
+    }
     let key_path = key::local_key_path(&local_dir);
     let local = RepoKey::load(&key_path)?;
 
