@@ -499,7 +499,11 @@ fn a_disk_that_fills_during_the_first_push_leaves_a_valid_empty_repository_and_t
     );
     let r = run_json(&sb, "push");
     assert_ne!(r.code, 0, "{r:?}");
-    assert_eq!(on_host("ls -A \"$d\" | wc -l"), "0", "something was made");
+    assert_eq!(
+        on_host("find \"$d\" -type f | wc -l"),
+        "0",
+        "something was made"
+    );
 
     // Room enough when the push starts, then the disk fills under it (another writer
     // on the same filesystem) while the link is slow.
@@ -585,4 +589,39 @@ fn a_broken_newest_snapshot_is_passed_over_by_latest_naming_why() {
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(outputs(&r, "fetch")["stamp"], "20261201T020000Z");
     assert_eq!(tree(&dest), tree(&old));
+}
+
+#[test]
+fn an_object_removed_by_hand_is_not_vouched_for_twice_by_this_hosts_record() {
+    let host = OffsiteHost::start();
+    let sb = Sandbox::new();
+    let (identity, recipient) = age_keys(sb.path(), "identity.txt");
+    let snap = sb.p("snap");
+    make_snapshot(&snap, 3, 1000);
+    push(&sb, &host, &snap, "20261201T020000Z", &recipient);
+    // Gone without a retention (no new generation): the record says it is there.
+    let (manifest, _) = manifest_by_hand(&host, &identity, "20261201T020000Z");
+    let gone = object_of(&host, &manifest, "db/atocore.db");
+    std::fs::remove_file(&gone).unwrap();
+    push_runbook(&sb, &host, "again", &snap, "20261202T020000Z", &recipient);
+    let r = run_json(&sb, "again");
+    assert_ne!(
+        r.code, 0,
+        "a snapshot was committed without its object: {r:?}"
+    );
+    let name = gone.file_name().unwrap().to_string_lossy().into_owned();
+    assert!(
+        r.stdout.contains(&name[..16]) && r.stdout.contains("The record is cleared"),
+        "{r:?}"
+    );
+    assert!(!host.repo_dir.join("snapshots/20261202T020000Z").exists());
+    let id = r.stdout.lines().next().unwrap();
+    let id: Json = serde_json::from_str(id).unwrap();
+    let resumed = sb.run(&["resume", id["run_id"].as_str().unwrap()]);
+    assert_eq!(resumed.code, 0, "{resumed:?}");
+    assert!(gone.exists(), "the object was not sent again");
+    let dest = sb.p("dest");
+    let r = fetch(&sb, &host, "20261202T020000Z", &identity, &dest, None);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(tree(&dest), tree(&snap));
 }

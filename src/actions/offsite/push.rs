@@ -729,61 +729,75 @@ fn push_locked(
         vec![(object_path(&manifest_id), &sources[&manifest_id])]
     };
     let mut snapshot_file: Vec<u8> = Vec::new();
-    let last = sender
-        .send(
-            &holder.name,
-            &args.stamp,
-            &head,
-            &manifest_object,
-            &mut |sums| {
-                let manifest_cipher = sums
-                    .get(&object_path(&manifest_id))
-                    .cloned()
-                    .or_else(|| {
-                        cache.objects.get(&manifest_id).map(|b| Cipher {
+    let last = sender.send(
+        &holder.name,
+        &args.stamp,
+        &head,
+        &manifest_object,
+        &mut |sums| {
+            let manifest_cipher = sums
+                .get(&object_path(&manifest_id))
+                .cloned()
+                .or_else(|| {
+                    cache.objects.get(&manifest_id).map(|b| Cipher {
+                        sha256: String::new(),
+                        bytes: *b,
+                    })
+                })
+                .or_else(|| {
+                    listing
+                        .objects
+                        .get(&object_path(&manifest_id))
+                        .map(|b| Cipher {
                             sha256: String::new(),
                             bytes: *b,
                         })
-                    })
-                    .or_else(|| {
-                        listing
-                            .objects
-                            .get(&object_path(&manifest_id))
-                            .map(|b| Cipher {
-                                sha256: String::new(),
-                                bytes: *b,
-                            })
-                    })
-                    .unwrap_or(Cipher {
-                        sha256: String::new(),
-                        bytes: 0,
-                    });
-                let snapshot = Snapshot {
-                    format: format::FORMAT.into(),
-                    version: format::VERSION,
-                    stamp: args.stamp.clone(),
-                    created_at: chrono::Utc::now()
-                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                    manifest: manifest_id.clone(),
-                    manifest_bytes: manifest_cipher.bytes,
-                    manifest_sha256: manifest_cipher.sha256,
-                    files,
-                    bytes: plain_bytes,
-                    objects: file_objects,
-                    mac: String::new(),
-                };
-                snapshot_file = snapshot.sign(&key);
-                // Every object the snapshot needs, checked there before the commit:
-                // a cache or a listing can be out of date, the remote's directory
-                // cannot.
-                let refs: String = sources.keys().map(|id| object_path(id) + "\n").collect();
-                Ok(vec![
-                    ("REFS".to_string(), refs.into_bytes()),
-                    (format::snapshot_path(&args.stamp), snapshot_file.clone()),
-                ])
-            },
-        )
-        .map_err(Failure::Link)?;
+                })
+                .unwrap_or(Cipher {
+                    sha256: String::new(),
+                    bytes: 0,
+                });
+            let snapshot = Snapshot {
+                format: format::FORMAT.into(),
+                version: format::VERSION,
+                stamp: args.stamp.clone(),
+                created_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                manifest: manifest_id.clone(),
+                manifest_bytes: manifest_cipher.bytes,
+                manifest_sha256: manifest_cipher.sha256,
+                files,
+                bytes: plain_bytes,
+                objects: file_objects,
+                mac: String::new(),
+            };
+            snapshot_file = snapshot.sign(&key);
+            // Every object the snapshot needs, checked there before the commit:
+            // a cache or a listing can be out of date, the remote's directory
+            // cannot.
+            let refs: String = sources
+                .keys()
+                .map(|id| format!("{}\n", &id[..16]))
+                .collect();
+            Ok(vec![
+                ("REFS".to_string(), refs.into_bytes()),
+                (format::snapshot_path(&args.stamp), snapshot_file.clone()),
+            ])
+        },
+    );
+    let last = match last {
+        // Objects this host's record vouched for are not there (removed by hand, or
+        // lost): the record is dropped, so the next attempt asks the repository.
+        Err(super::ssh::SshError::Remote {
+            code: 6, detail, ..
+        }) => {
+            cache.objects.clear();
+            cache.save(local_dir)?;
+            return Err(Failure::Other(format!(
+                "objects this snapshot needs are not on {target}, though this host's record of the repository said they were: {detail}. The record is cleared; run the push again (`runbook resume` this run) and it sends what is missing"
+            )));
+        }
+        other => other.map_err(Failure::Link)?,
+    };
     sent.add(last);
     let committed = &sent;
     let stream_bytes = sent.bytes;

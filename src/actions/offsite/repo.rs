@@ -136,9 +136,13 @@ pub enum Depth {
 /// gone (`tmp/<lock>` and its batches `tmp/<lock>.<n>`), then prints the small files as `C <bytes> <name>` + bytes, the objects as
 /// `F <bytes> <path>` (all, or those named on stdin).
 const OPEN: &str = r#"LC_ALL=C; export LC_ALL
+# A command that takes a lock makes the directory, so that even the first push holds
+# one (a listing elsewhere must not take its uploads for abandoned ones).
+[ -n "$2" ] && [ ! -e "$1" ] && mkdir -p -- "$1"
 cd -- "$1" 2>/dev/null || { echo ABSENT; exit 0; }
 echo PRESENT
-if [ -n "$2" ]; then
+# A version 1 repository is refused before anything is written to it.
+if [ -n "$2" ] && { [ -f config ] || [ ! -f runbook-offsite.json ]; }; then
   mkdir -p locks && printf '%s\n' "$3" > "locks/.$2.tmp" && mv -f -- "locks/.$2.tmp" "locks/$2" || exit 3
 fi
 for d in tmp/*; do
@@ -410,7 +414,8 @@ pub fn unlock(remote: &Remote, names: &[String]) -> Result<(), SshError> {
 /// Receives an upload as a tar stream into `tmp/<name>`, checks it against its
 /// `SHA256SUMS`, links objects, keys and index files into place without replacing
 /// (an existing name is kept: it holds the same plaintext), checks that every object
-/// named in `REFS` (all the snapshot needs) is there now, whatever a cache or a
+/// named in `REFS` (all the snapshot needs, by the first 16 hex digits of each id: 17
+/// bytes an object on the link, where the check is only a guard) is there now, whatever a cache or a
 /// retention elsewhere said, makes the config when there is none, syncs, links the
 /// snapshot file (the commit: never replacing), then
 /// removes the upload and the lock. Prints `X <sha256> <path>` for each object that
@@ -432,12 +437,18 @@ done
 ( cd -- "$t" && find objects -type f -links 1 2>/dev/null ) | while IFS= read -r p; do
   [ -f "$p" ] && sha256sum -- "$p" | sed 's/^/X /'
 done
-if [ -f "$t/REFS" ]; then
+# In a function: its `set --` leaves the script's own arguments alone. No process per
+# object: an unchanged push of thousands of files checks them all.
+refs() {
   miss=
-  while IFS= read -r p; do
-    [ -f "$p" ] || { echo "$p is not there after the upload (removed meanwhile, or no room to link it)" >&2; miss=1; }
+  while IFS= read -r id; do
+    set -- "objects/${id%"${id#??}"}/$id"*
+    [ -f "$1" ] || { echo "objects/${id%"${id#??}"}/$id... is not there after the upload (removed meanwhile, or no room to link it)" >&2; miss=1; }
   done < "$t/REFS"
-  [ -z "$miss" ] || fail 6
+  [ -z "$miss" ]
+}
+if [ -f "$t/REFS" ]; then
+  refs || fail 6
 fi
 if [ -f "$t/config" ] && [ ! -f config ]; then
   [ -f generation ] || cp -- "$t/generation" generation || fail 3
@@ -639,7 +650,7 @@ pub fn key_for(
     }
     let Some((ids, ids_path)) = ids else {
         return Err(format!(
-            "this host holds no key for {target}, so nothing there can be authenticated: run this on the host that pushes to it, or give the age identity and the key's fingerprint (`repo.key`)"
+            "this host holds no key for {target}, so nothing there can be authenticated: push and prune on the host that made the repository (its state dir keeps the key); to list, check or fetch from another host, give the age identity and the key's fingerprint (`repo.key`)"
         ));
     };
     let Some(p) = pinned else {
