@@ -425,8 +425,8 @@ pub fn text_summary(r: &DrillReport) -> String {
 }
 
 /// Why this machine cannot start an off-site host for the disaster stages, if it
-/// cannot: they need root (a network namespace), Debian's sshd, iproute2, the ssh
-/// client and rsync.
+/// cannot: they need root (a network namespace), Debian's sshd, iproute2 and the ssh
+/// client (the off-site format streams tar over ssh: no rsync).
 pub fn offsite_unavailable() -> Option<String> {
     // Found as the engine finds a step's program (execvp's rules), on the real system.
     let runs = |program: &str| {
@@ -440,11 +440,7 @@ pub fn offsite_unavailable() -> Option<String> {
     if !runs("/usr/sbin/sshd") {
         missing.push("/usr/sbin/sshd (apt-get install openssh-server)".to_string());
     }
-    for (tool, package) in [
-        ("ip", "iproute2"),
-        ("ssh", "openssh-client"),
-        ("rsync", "rsync"),
-    ] {
+    for (tool, package) in [("ip", "iproute2"), ("ssh", "openssh-client")] {
         if !runs(tool) {
             missing.push(format!("{tool} (apt-get install {package})"));
         }

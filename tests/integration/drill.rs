@@ -406,15 +406,14 @@ fn a_drill_killed_mid_cycle_is_finished_by_resume() {
     );
 }
 
-/// On a machine that cannot start an off-site host (here: no `ip`, `ssh` or `rsync` on
-/// PATH), the disaster stages are skipped with a line that says what they need, and the
+/// On a machine that cannot start an off-site host (here: no `ip` or `ssh` on PATH), the disaster stages are skipped with a line that says what they need, and the
 /// rest of the drill still passes.
 #[test]
 fn a_drill_without_the_offsite_tools_says_what_they_need_and_skips_them() {
     let sb = Sandbox::new();
     let dir = sb.p("d");
     let _guard = StopService(dir.clone());
-    // Every program of the usual PATH but the three.
+    // Every program of the usual PATH but the two.
     let bin = sb.p("bin");
     std::fs::create_dir(&bin).unwrap();
     for from in ["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"] {
@@ -423,7 +422,7 @@ fn a_drill_without_the_offsite_tools_says_what_they_need_and_skips_them() {
         };
         for e in entries.flatten() {
             let name = e.file_name();
-            if ["ip", "ssh", "rsync"].contains(&name.to_str().unwrap_or_default()) {
+            if ["ip", "ssh"].contains(&name.to_str().unwrap_or_default()) {
                 continue;
             }
             let _ = std::os::unix::fs::symlink(e.path(), bin.join(&name));
@@ -432,7 +431,8 @@ fn a_drill_without_the_offsite_tools_says_what_they_need_and_skips_them() {
     let out = drill_cmd(&sb, &dir).env("PATH", &bin).output().unwrap();
     let r: crate::support::Run = out.into();
     assert_eq!(r.code, 0, "{r:?}");
-    let need = "off-site stages need ip (apt-get install iproute2), ssh (apt-get install openssh-client), rsync (apt-get install rsync)";
+    let need =
+        "off-site stages need ip (apt-get install iproute2), ssh (apt-get install openssh-client)";
     assert!(
         r.stdout
             .contains(&format!("drill: {need}; they are skipped\n"))
